@@ -1,0 +1,77 @@
+"""The command line: `python -m mmlite data | bench | book` (each subcommand lives with its module)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mmlite",
+        description="mmlite: multimodal image-text models from scratch.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("data", help="generate the shapes data world (splits, statistics, sample grid)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"],
+                   help="size preset (default: tiny)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="generator seed (default: 0)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: data/cache/<preset>-seed<seed>)")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="image side in pixels (default: the preset's, 32)")
+
+    p = sub.add_parser("bench", help="time the from-scratch components against PyTorch's own")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default: cpu)")
+    p.add_argument("--out", default="runs/bench.json", help="where to write the figures (JSON)")
+
+    p = sub.add_parser("book", help="re-sync chapter pairs (.py -> .ipynb) and re-execute them in place")
+    p.add_argument("chapters", nargs="*",
+                   help="chapter numbers or paths (default: every chapter)")
+    p.add_argument("--no-execute", action="store_true", help="only sync the notebooks, keep no outputs")
+    p.add_argument("--check", action="store_true",
+                   help="only check that each pair holds the same cells; exit 1 if not")
+    p.add_argument("--timeout", type=_positive_int, default=1200, help="per-cell timeout in seconds")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "data":
+            from mmlite.data.command import run
+        elif args.command == "bench":
+            from mmlite.bench import run
+        else:  # book
+            from mmlite.book import run
+        return run(args) or 0
+    except ValueError as err:  # bad values the parser could not see: one clear line, no traceback
+        print(f"python -m mmlite {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
