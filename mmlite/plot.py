@@ -1,0 +1,94 @@
+"""Figure helpers the chapters share: image grids, attention overlays, heatmaps and curves."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def _to_hwc(image) -> np.ndarray:
+    """Accept (H,W,3) uint8/float or (3,H,W) tensors/arrays; return float (H,W,3) in [0,1]."""
+    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if arr.ndim != 3:
+        raise ValueError(f"an image must have 3 dims (H,W,3) or (3,H,W), got shape {arr.shape}")
+    if arr.shape[0] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(1, 2, 0)  # (H, W, 3)
+    arr = arr.astype(np.float32)
+    return arr / 255.0 if arr.max() > 1.0 else arr
+
+
+def image_grid(images, titles: Sequence[str] | None = None, ncols: int = 8, size: float = 1.6,
+               fontsize: int = 6, wrap: int = 28):
+    """Show images in a grid, each with an optional (wrapped) title; returns the figure."""
+    import textwrap
+
+    n = len(images)
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"got {n} images but {len(titles)} titles")
+    ncols = min(ncols, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows * (1.25 if titles else 1)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(_to_hwc(images[i]), interpolation="nearest")
+            if titles is not None:
+                ax.set_title("\n".join(textwrap.wrap(titles[i], wrap)), fontsize=fontsize)
+    fig.tight_layout()
+    return fig
+
+
+def attention_overlay(ax, image, weights, grid: tuple[int, int] | None = None, title: str | None = None,
+                      alpha: float = 0.55, cmap: str = "magma") -> None:
+    """Draw `image` with attention `weights` over its regions (weights: (h*w,) or (h, w))."""
+    w = weights.detach().cpu().numpy() if hasattr(weights, "detach") else np.asarray(weights, dtype=float)
+    if w.ndim == 1:
+        side = int(round(np.sqrt(w.size))) if grid is None else None
+        h, wd = grid if grid is not None else (side, side)
+        if h * wd != w.size:
+            raise ValueError(f"{w.size} attention weights do not fill a {h}x{wd} grid")
+        w = w.reshape(h, wd)  # (h, w) region grid
+    img = _to_hwc(image)
+    ax.imshow(img, interpolation="nearest")
+    ax.imshow(w, cmap=cmap, alpha=alpha, interpolation="nearest",
+              extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def heatmap(ax, matrix, row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
+            title: str | None = None, cmap: str = "viridis", annotate: bool = False, fmt: str = "{:.2f}"):
+    """A labelled matrix plot (attention weights, similarity matrices, confusion matrices)."""
+    m = matrix.detach().cpu().numpy() if hasattr(matrix, "detach") else np.asarray(matrix, dtype=float)
+    if m.ndim != 2:
+        raise ValueError(f"heatmap needs a 2-D matrix, got shape {m.shape}")
+    im = ax.imshow(m, cmap=cmap, aspect="auto")
+    if row_labels is not None:
+        ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
+    if col_labels is not None:
+        ax.set_xticks(range(len(col_labels)), col_labels, fontsize=7, rotation=60, ha="right")
+    if annotate:
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=6, color="w")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return im
+
+
+def curves(ax, series: dict[str, Sequence[float]], xlabel: str = "step", ylabel: str = "loss",
+           title: str | None = None, logy: bool = False) -> None:
+    """Plot named curves (training losses, accuracies) on one axis."""
+    for name, ys in series.items():
+        ax.plot(range(1, len(ys) + 1), ys, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
