@@ -1,0 +1,105 @@
+"""Alignment projections into a shared embedding space, and L2 normalisation (derived in chapter 2)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-6) -> Tensor:
+    """x / max(||x||_2, eps) along `dim` (the same value as F.normalize(x, dim=dim, eps=eps)).
+
+    The norm is computed as sqrt(max(sum x^2, eps^2)), so a zero vector maps to zero with a zero
+    (not NaN) gradient.
+    """
+    if eps <= 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    sq = x.pow(2).sum(dim=dim, keepdim=True)  # (..., 1, ...) along dim
+    return x / sq.clamp_min(eps * eps).sqrt()
+
+
+def _check_last_dim(x: Tensor, d_in: int, name: str = "x") -> None:
+    """Raise when the feature dimension of `x` is not d_in."""
+    if x.dim() < 1 or x.shape[-1] != d_in:
+        got = x.shape[-1] if x.dim() else "a scalar"
+        raise ValueError(f"{name} last dim is {got} but the module was built for d_in={d_in}")
+
+
+class LinearProjection(nn.Module):
+    """A linear map from an encoder's width to the shared space (CLIP's projection: no bias by default)."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False) -> None:
+        super().__init__()
+        self.d_in = d_in
+        self.d_out = d_out
+        self.linear = nn.Linear(d_in, d_out, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., d_in) -> (..., d_out)."""
+        _check_last_dim(x, self.d_in)
+        return self.linear(x)
+
+
+class MLPProjection(nn.Module):
+    """Linear -> GELU -> dropout -> Linear; hidden width defaults to max(d_in, d_out)."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_in = d_in
+        self.d_out = d_out
+        hidden = hidden if hidden is not None else max(d_in, d_out)
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., d_in) -> (..., d_out)."""
+        _check_last_dim(x, self.d_in)
+        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
+
+
+class AlignmentHead(nn.Module):
+    """Project then L2-normalise: the unit-sphere embedding a contrastive loss compares."""
+
+    def __init__(
+        self, d_in: int, d_out: int, kind: str = "linear", hidden: int | None = None, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if kind == "linear":
+            if hidden is not None or dropout != 0.0:
+                raise ValueError("hidden and dropout only apply to kind='mlp'")
+            self.proj: nn.Module = LinearProjection(d_in, d_out)
+        elif kind == "mlp":
+            self.proj = MLPProjection(d_in, d_out, hidden=hidden, dropout=dropout)
+        else:
+            raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., d_in) -> unit vectors (..., d_out)."""
+        return l2_normalize(self.proj(x))
+
+
+def project_and_normalize(x: Tensor, projection: nn.Module | None = None) -> Tensor:
+    """l2_normalize(projection(x)), or just l2_normalize(x) without a projection."""
+    return l2_normalize(x if projection is None else projection(x))
+
+
+def cosine_similarity_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """All pairwise cosine similarities: (N, D), (M, D) -> (N, M)."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"a and b must be (N, D) and (M, D) with the same D, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    return l2_normalize(a) @ l2_normalize(b).T
+
+
+__all__ = [
+    "AlignmentHead",
+    "LinearProjection",
+    "MLPProjection",
+    "cosine_similarity_matrix",
+    "l2_normalize",
+    "project_and_normalize",
+]

@@ -1,0 +1,52 @@
+"""Pooling a token sequence into one vector: masked mean, class token, last real token (derived in chapter 3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check_tokens_and_mask(x: Tensor, mask: Tensor | None) -> None:
+    """Raise if `x` is not (B, T, D) or `mask` is not a bool (B, T) tensor matching it."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, T, D), got {x.dim()} dims with shape {tuple(x.shape)}")
+    if mask is None:
+        return
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = real token), got dtype {mask.dtype}")
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match x's (B, T) = {tuple(x.shape[:2])}")
+
+
+def masked_mean(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean over the real tokens: sum_t m_t x_t / max(sum_t m_t, 1); a row with no real token gives zeros.
+
+    x: (B, T, D); mask: (B, T) bool, True = real token, or None (all real). Returns (B, D).
+    """
+    _check_tokens_and_mask(x, mask)
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+    count = m.sum(dim=1).clamp_min(1.0)  # (B, 1): clamping keeps all-padding rows at 0/1 = 0, not NaN
+    return (x * m).sum(dim=1) / count
+
+
+def cls_pool(x: Tensor) -> Tensor:
+    """The class token's output: x[:, 0]. x: (B, T, D) -> (B, D)."""
+    _check_tokens_and_mask(x, None)
+    return x[:, 0]
+
+
+def last_token_pool(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The output at each row's last real token (right padding); CLIP's text pooling. (B, T, D) -> (B, D).
+
+    A row with no real token gives zeros.
+    """
+    _check_tokens_and_mask(x, mask)
+    if mask is None:
+        return x[:, -1]
+    t = x.shape[1]
+    positions = torch.arange(t, device=x.device).expand_as(mask)  # (B, T)
+    last = torch.where(mask, positions, torch.full_like(positions, -1)).amax(dim=1)  # (B,), -1 if empty
+    out = x[torch.arange(x.shape[0], device=x.device), last.clamp_min(0)]  # (B, D)
+    return out * (last >= 0).unsqueeze(-1).to(x.dtype)
