@@ -1,0 +1,323 @@
+"""Scaled dot-product, multi-head, cross- and co-attention (derived in chapters 2 and 4.2).
+
+For one head, with queries from X1 and keys/values from X2:
+
+    Q1 = X1 W^Q,  K2 = X2 W^K,  V2 = X2 W^V,  A = softmax(Q1 K2^T / sqrt(d_k)),  O = A V2
+
+Self-attention is the case X1 = X2. Every mask is a bool tensor with True = may be attended.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMPLS = ("scratch", "fused")
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _allowed_mask(mask: Tensor | None, causal: bool, tq: int, tk: int, device: torch.device) -> Tensor | None:
+    """Combine a user mask and the causal pattern into one bool mask (True = may attend), or None."""
+    if causal:
+        # top-left aligned like F.scaled_dot_product_attention: query i sees keys 0..i
+        tri = torch.ones(tq, tk, dtype=torch.bool, device=device).tril()  # (Tq, Tk)
+        return tri if mask is None else mask & tri
+    return mask
+
+
+def _validate_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dims (..., T, d), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"key last dim is {k.shape[-1]} but query last dim is {q.shape[-1]}")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"value length (dim -2) is {v.shape[-2]} but key length is {k.shape[-2]}")
+    if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+        raise ValueError(
+            f"leading (batch/head) dims must match: q {tuple(q.shape[:-2])}, k {tuple(k.shape[:-2])}, "
+            f"v {tuple(v.shape[:-2])}"
+        )
+    if mask is not None:
+        _check_tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
+        scores_shape = (*q.shape[:-1], k.shape[-2])  # (..., Tq, Tk)
+        try:
+            ok = mask.dim() <= len(scores_shape) and torch.broadcast_shapes(mask.shape, scores_shape) == scores_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not broadcast to the scores shape (..., Tq, Tk) = {scores_shape}"
+            )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    impl: str = "scratch",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Attention O = softmax(Q K^T / sqrt(d) + mask) V; returns (output (..., Tq, dv), weights (..., Tq, Tk) or None).
+
+    q (..., Tq, d), k (..., Tk, d), v (..., Tk, dv); mask bool broadcastable to (..., Tq, Tk), True = may attend;
+    causal adds the top-left aligned lower-triangular pattern. Query rows with no allowed key give zeros
+    (output and weights), never NaN. impl="scratch" computes the scores in float32 (float64 stays float64) and
+    returns the weights actually applied (after dropout); impl="fused" calls F.scaled_dot_product_attention and
+    returns weights=None. `generator` drives the scratch path's dropout; the fused kernel only uses the global RNG.
+    """
+    _check_impl(impl)
+    _validate_sdpa(q, k, v, mask, dropout_p)
+    tq, tk = q.shape[-2], k.shape[-2]
+    allowed = _allowed_mask(mask, causal, tq, tk, q.device)
+    # rows with at least one allowed key; the others are zeroed at the end
+    row_ok = None if mask is None else allowed.any(dim=-1, keepdim=True)  # (..., Tq or 1, 1)
+
+    if impl == "fused":
+        if generator is not None and dropout_p > 0.0:
+            raise ValueError("generator is not supported by impl='fused' (its kernel uses the global RNG); "
+                             "use impl='scratch'")
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+        else:
+            # recent PyTorch returns zeros for fully masked rows, older versions return NaN (and NaN gradients):
+            # let those rows attend everywhere, then zero them, so every version gives zeros and finite gradients
+            safe = allowed | ~row_ok  # (..., Tq, Tk)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, dropout_p=dropout_p)
+            out = out.masked_fill(~row_ok, 0.0)
+        return out, None
+
+    compute = torch.promote_types(q.dtype, torch.float32)  # bf16/fp16 -> float32, float64 stays
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * scale  # (..., Tq, Tk)
+    if allowed is not None:
+        # most negative finite value, not -inf: a fully masked row stays finite (uniform) before being zeroed
+        scores = scores.masked_fill(~allowed, torch.finfo(compute).min)
+    weights = torch.softmax(scores, dim=-1)  # (..., Tq, Tk)
+    if row_ok is not None:
+        weights = weights.masked_fill(~row_ok, 0.0)
+    if dropout_p > 0.0:
+        keep = torch.rand(weights.shape, generator=generator, device=weights.device, dtype=weights.dtype) >= dropout_p
+        weights = weights * keep / (1.0 - dropout_p)
+    out = torch.matmul(weights, v.to(compute))  # (..., Tq, dv)
+    return out.to(q.dtype), weights.to(q.dtype)
+
+
+def _expand_mask(mask: Tensor | None, name: str, b: int, h: int, tq: int, tk: int) -> Tensor | None:
+    """Turn a module-level mask into one broadcastable to (B, heads, Tq, Tk).
+
+    2-D masks are key masks (B, Tk); 3-D masks are (B or 1, Tq, Tk); 4-D masks are (B or 1, heads or 1, Tq, Tk).
+    """
+    if mask is None:
+        return None
+    _check_tensor(name, mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = may attend), got dtype {mask.dtype}")
+    if mask.dim() == 2:
+        if tuple(mask.shape) != (b, tk):
+            raise ValueError(f"{name} shape {tuple(mask.shape)} does not match the key mask shape (B, Tk) = {(b, tk)}")
+        return mask[:, None, None, :]  # (B, 1, 1, Tk)
+    if mask.dim() == 3:
+        if mask.shape[0] not in (1, b) or tuple(mask.shape[1:]) != (tq, tk):
+            raise ValueError(f"{name} shape {tuple(mask.shape)} does not match (B, Tq, Tk) = {(b, tq, tk)}")
+        return mask[:, None]  # (B, 1, Tq, Tk)
+    if mask.dim() == 4:
+        if mask.shape[0] not in (1, b) or mask.shape[1] not in (1, h) or tuple(mask.shape[2:]) != (tq, tk):
+            raise ValueError(f"{name} shape {tuple(mask.shape)} does not match (B, heads, Tq, Tk) = {(b, h, tq, tk)}")
+        return mask
+    raise ValueError(f"{name} must have 2 (B, Tk), 3 (B, Tq, Tk) or 4 (B, heads, Tq, Tk) dims, "
+                     f"got shape {tuple(mask.shape)}")
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self- or cross-attention with separate q/k/v/out projections.
+
+    head_h = softmax(Q_h K_h^T / sqrt(d_model / n_heads)) V_h,  output = concat(head_1..head_H) W^O.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_context: int | None = None, dropout: float = 0.0,
+                 bias: bool = True, impl: str = "scratch") -> None:
+        super().__init__()
+        if d_model <= 0 or n_heads <= 0:
+            raise ValueError(f"d_model and n_heads must be positive, got d_model={d_model}, n_heads={n_heads}")
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_model = d_model  # width of the queries and of the output
+        self.n_heads = n_heads  # number of heads
+        self.head_dim = d_model // n_heads  # width of one head
+        self.d_context = d_model if d_context is None else d_context  # width of the keys/values' source
+        self.dropout = dropout  # dropout on the attention weights (training only)
+        self.impl = impl
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(self.d_context, d_model, bias=bias)
+        self.v_proj = nn.Linear(self.d_context, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    @property
+    def impl(self) -> str:
+        """Which attention path runs: "scratch" or "fused" (switchable at any time)."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self._impl = _check_impl(value)
+
+    def _split(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                context_mask: Tensor | None = None, causal: bool = False,
+                need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend from x (B, Tq, d_model) to itself, or to `context` (B, Tk, d_context) when given.
+
+        `mask` (self-attention) / `context_mask` (cross-attention): key mask (B, Tk), or (B, Tq, Tk), or
+        (B, heads, Tq, Tk); True = may attend. Returns (B, Tq, d_model), plus the weights (B, heads, Tq, Tk) when
+        need_weights; need_weights runs the scratch path (the fused kernel does not expose the weights).
+        """
+        _check_tensor("x", x)
+        if x.dim() != 3:
+            raise ValueError(f"x must be (B, T, d_model), got shape {tuple(x.shape)} (rank {x.dim()})")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"query last dim is {x.shape[-1]} but the module was built for d_model={self.d_model}")
+        if context is None:
+            if context_mask is not None:
+                raise ValueError("context_mask was given without a context; use mask for self-attention")
+            source, key_mask, mask_name = x, mask, "mask"
+        else:
+            _check_tensor("context", context)
+            if mask is not None:
+                raise ValueError("mask is the self-attention mask; for cross-attention pass context_mask")
+            if context.dim() != 3:
+                raise ValueError(f"context must be (B, Tk, d_context), got shape {tuple(context.shape)}")
+            if context.shape[-1] != self.d_context:
+                raise ValueError(f"context last dim is {context.shape[-1]} but the module was built for "
+                                 f"d_context={self.d_context}")
+            if context.shape[0] != x.shape[0]:
+                raise ValueError(f"context batch size is {context.shape[0]} but x batch size is {x.shape[0]}")
+            source, key_mask, mask_name = context, context_mask, "context_mask"
+        b, tq, tk = x.shape[0], x.shape[1], source.shape[1]
+        attn_mask = _expand_mask(key_mask, mask_name, b, self.n_heads, tq, tk)  # broadcastable to (B, heads, Tq, Tk)
+
+        q = self._split(self.q_proj(x))  # (B, heads, Tq, head_dim)
+        k = self._split(self.k_proj(source))  # (B, heads, Tk, head_dim)
+        v = self._split(self.v_proj(source))  # (B, heads, Tk, head_dim)
+        impl = "scratch" if need_weights else self.impl
+        p = self.dropout if self.training else 0.0
+        out, weights = scaled_dot_product_attention(q, k, v, mask=attn_mask, causal=causal, dropout_p=p, impl=impl)
+        out = out.transpose(1, 2).reshape(b, tq, self.d_model)  # (B, Tq, d_model)
+        out = self.out_proj(out)
+        return (out, weights) if need_weights else out
+
+    @torch.no_grad()
+    def copy_from_torch(self, mha: nn.MultiheadAttention) -> "MultiHeadAttention":
+        """Copy the weights of a torch.nn.MultiheadAttention of the same sizes into this module; returns self."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"expected torch.nn.MultiheadAttention, got {type(mha).__name__}")
+        if (mha.embed_dim, mha.num_heads) != (self.d_model, self.n_heads):
+            raise ValueError(f"torch module has embed_dim={mha.embed_dim}, num_heads={mha.num_heads}; this one "
+                             f"d_model={self.d_model}, n_heads={self.n_heads}")
+        if mha.kdim != self.d_context or mha.vdim != self.d_context:
+            raise ValueError(f"torch module has kdim={mha.kdim}, vdim={mha.vdim}; this one d_context={self.d_context}")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn have no counterpart here")
+        if (mha.in_proj_bias is None) != (self.q_proj.bias is None):
+            raise ValueError("bias mismatch: one module has projection biases, the other does not")
+        e = self.d_model
+        if mha._qkv_same_embed_dim:  # packed (3E, E): rows [0:E] query, [E:2E] key, [2E:3E] value
+            w_q, w_k, w_v = mha.in_proj_weight.split(e, dim=0)
+        else:
+            w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+        for lin, w in ((self.q_proj, w_q), (self.k_proj, w_k), (self.v_proj, w_v)):
+            lin.weight.copy_(w)
+        if mha.in_proj_bias is not None:
+            for lin, bias in zip((self.q_proj, self.k_proj, self.v_proj), mha.in_proj_bias.split(e)):
+                lin.bias.copy_(bias)
+        self.out_proj.weight.copy_(mha.out_proj.weight)
+        if self.out_proj.bias is not None:
+            self.out_proj.bias.copy_(mha.out_proj.bias)
+        return self
+
+
+class CrossAttention(MultiHeadAttention):
+    """Cross-attention: queries from x (B, Tq, d_model), keys and values from context (B, Tk, d_context)."""
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None,  # type: ignore[override]
+                need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend from x to context; context_mask (B, Tk) or fuller, True = may attend."""
+        if context is None:
+            raise ValueError("CrossAttention needs a context (B, Tk, d_context)")
+        return super().forward(x, context=context, context_mask=context_mask, need_weights=need_weights)
+
+
+class CoAttention(nn.Module):
+    """Co-attention: x1 attends to x2 and x2 attends to x1, with one CrossAttention per direction."""
+
+    def __init__(self, d_model: int, n_heads: int, d_other: int | None = None, dropout: float = 0.0,
+                 bias: bool = True, impl: str = "scratch") -> None:
+        super().__init__()
+        d_other = d_model if d_other is None else d_other
+        if d_other % n_heads != 0:
+            raise ValueError(f"d_other={d_other} is not divisible by n_heads={n_heads}")
+        self.d_model = d_model  # width of x1
+        self.d_other = d_other  # width of x2
+        self.attn_1to2 = CrossAttention(d_model, n_heads, d_context=d_other, dropout=dropout, bias=bias, impl=impl)
+        self.attn_2to1 = CrossAttention(d_other, n_heads, d_context=d_model, dropout=dropout, bias=bias, impl=impl)
+
+    @property
+    def impl(self) -> str:
+        """Attention path of both directions."""
+        return self.attn_1to2.impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self.attn_1to2.impl = value
+        self.attn_2to1.impl = value
+
+    def forward(self, x1: Tensor, x2: Tensor, mask1: Tensor | None = None, mask2: Tensor | None = None,
+                need_weights: bool = False) -> tuple[Tensor, ...]:
+        """Return (x1 attended to x2 (B, T1, d_model), x2 attended to x1 (B, T2, d_other)) [+ both weight maps]."""
+        r1 = self.attn_1to2(x1, x2, context_mask=mask2, need_weights=need_weights)
+        r2 = self.attn_2to1(x2, x1, context_mask=mask1, need_weights=need_weights)
+        if need_weights:
+            return r1[0], r2[0], r1[1], r2[1]
+        return r1, r2
+
+
+def set_attention_impl(model: nn.Module, impl: str) -> int:
+    """Switch every MultiHeadAttention inside `model` to `impl`; returns how many were switched."""
+    _check_impl(impl)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.impl = impl
+            n += 1
+    return n

@@ -1,0 +1,188 @@
+"""Feed-forward network and pre-norm transformer encoder and decoder blocks (derived in chapter 3).
+
+Pre-norm residual form, the one torch.nn.TransformerEncoderLayer(norm_first=True) computes:
+
+    x = x + Dropout(MHA(LN1(x)))          (decoder: + causal self-attention, then cross-attention on LN2(x))
+    x = x + Dropout(FFN(LN2(x))),   FFN(h) = W2 Dropout(act(W1 h + b1)) + b2
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmlite.attention import MultiHeadAttention
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # exact (erf) GELU, as torch's "gelu" string
+
+
+def _check_activation(activation: str) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return activation
+
+
+def _check_dropout(dropout: float) -> float:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return dropout
+
+
+@torch.no_grad()
+def _copy_linear(dst: nn.Linear, src: nn.Linear) -> None:
+    dst.weight.copy_(src.weight)
+    if dst.bias is not None:
+        dst.bias.copy_(src.bias)
+
+
+@torch.no_grad()
+def _copy_norm(dst: nn.LayerNorm, src: nn.LayerNorm) -> None:
+    dst.weight.copy_(src.weight)
+    dst.bias.copy_(src.bias)
+    dst.eps = src.eps
+
+
+def _torch_activation(layer: nn.Module) -> str:
+    act = layer.activation
+    if act is F.gelu or isinstance(act, nn.GELU):
+        return "gelu"
+    if act is F.relu or isinstance(act, nn.ReLU):
+        return "relu"
+    raise ValueError(f"torch layer activation {act!r} has no counterpart here (gelu or relu)")
+
+
+def _check_input(name: str, x: Tensor, d: int, what: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be (B, T, {what}), got shape {tuple(x.shape)} (rank {x.dim()})")
+    if x.shape[-1] != d:
+        raise ValueError(f"{name} last dim is {x.shape[-1]} but the block was built for {what}={d}")
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network: linear2(dropout(act(linear1(x)))), hidden width 4 * d_model by default."""
+
+    def __init__(self, d_model: int, hidden: int | None = None, dropout: float = 0.0,
+                 activation: str = "gelu") -> None:
+        super().__init__()
+        hidden = 4 * d_model if hidden is None else hidden
+        self.activation = _check_activation(activation)  # "gelu" or "relu"
+        self.linear1 = nn.Linear(d_model, hidden)
+        self.dropout = nn.Dropout(_check_dropout(dropout))
+        self.linear2 = nn.Linear(hidden, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., d_model) -> (..., d_model)."""
+        return self.linear2(self.dropout(ACTIVATIONS[self.activation](self.linear1(x))))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer encoder block: self-attention then feed-forward, each with a residual."""
+
+    def __init__(self, d_model: int, n_heads: int, ff_hidden: int | None = None, dropout: float = 0.0,
+                 impl: str = "scratch", activation: str = "gelu") -> None:
+        super().__init__()
+        self.d_model = d_model  # token width
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, impl=impl)
+        self.drop1 = nn.Dropout(_check_dropout(dropout))
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model, ff_hidden, dropout=dropout, activation=activation)
+        self.drop2 = nn.Dropout(dropout)
+
+    @property
+    def impl(self) -> str:
+        """Attention path: "scratch" or "fused"."""
+        return self.attn.impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self.attn.impl = value
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        """x (B, T, d_model), mask (B, T) key mask (or (B, T, T)), True = real token -> (B, T, d_model)."""
+        _check_input("x", x, self.d_model, "d_model")
+        x = x + self.drop1(self.attn(self.norm1(x), mask=mask, causal=causal))
+        return x + self.drop2(self.ff(self.norm2(x)))
+
+    def copy_from_torch(self, layer: nn.TransformerEncoderLayer) -> "EncoderBlock":
+        """Copy weights from torch.nn.TransformerEncoderLayer(norm_first=True) of the same sizes; returns self."""
+        if not isinstance(layer, nn.TransformerEncoderLayer):
+            raise TypeError(f"expected torch.nn.TransformerEncoderLayer, got {type(layer).__name__}")
+        if not layer.norm_first:
+            raise ValueError("layer has norm_first=False (post-norm); this block is pre-norm")
+        if _torch_activation(layer) != self.ff.activation:
+            raise ValueError(f"torch layer activation is {_torch_activation(layer)}, this block's is "
+                             f"{self.ff.activation}")
+        if layer.linear1.out_features != self.ff.linear1.out_features:
+            raise ValueError(f"torch dim_feedforward={layer.linear1.out_features} but ff_hidden="
+                             f"{self.ff.linear1.out_features}")
+        self.attn.copy_from_torch(layer.self_attn)
+        _copy_norm(self.norm1, layer.norm1)
+        _copy_norm(self.norm2, layer.norm2)
+        _copy_linear(self.ff.linear1, layer.linear1)
+        _copy_linear(self.ff.linear2, layer.linear2)
+        return self
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm transformer decoder block: causal self-attention, cross-attention to a context, feed-forward."""
+
+    def __init__(self, d_model: int, n_heads: int, d_context: int | None = None, ff_hidden: int | None = None,
+                 dropout: float = 0.0, impl: str = "scratch", activation: str = "gelu") -> None:
+        super().__init__()
+        self.d_model = d_model  # token width of the decoded sequence
+        self.d_context = d_model if d_context is None else d_context  # width of the context (e.g. image tokens)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, impl=impl)
+        self.drop1 = nn.Dropout(_check_dropout(dropout))
+        self.norm2 = nn.LayerNorm(d_model)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, d_context=self.d_context, dropout=dropout, impl=impl)
+        self.drop2 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model, ff_hidden, dropout=dropout, activation=activation)
+        self.drop3 = nn.Dropout(dropout)
+
+    @property
+    def impl(self) -> str:
+        """Attention path of both attentions: "scratch" or "fused"."""
+        return self.self_attn.impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self.self_attn.impl = value
+        self.cross_attn.impl = value
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None,
+                context_mask: Tensor | None = None) -> Tensor:
+        """x (B, T, d_model) attends causally to itself and to context (B, Tc, d_context) -> (B, T, d_model).
+
+        mask (B, T) and context_mask (B, Tc) are key masks, True = real token.
+        """
+        _check_input("x", x, self.d_model, "d_model")
+        _check_input("context", context, self.d_context, "d_context")
+        x = x + self.drop1(self.self_attn(self.norm1(x), mask=mask, causal=True))
+        x = x + self.drop2(self.cross_attn(self.norm2(x), context=context, context_mask=context_mask))
+        return x + self.drop3(self.ff(self.norm3(x)))
+
+    def copy_from_torch(self, layer: nn.TransformerDecoderLayer) -> "DecoderBlock":
+        """Copy weights from torch.nn.TransformerDecoderLayer(norm_first=True) of the same sizes; returns self."""
+        if not isinstance(layer, nn.TransformerDecoderLayer):
+            raise TypeError(f"expected torch.nn.TransformerDecoderLayer, got {type(layer).__name__}")
+        if not layer.norm_first:
+            raise ValueError("layer has norm_first=False (post-norm); this block is pre-norm")
+        if _torch_activation(layer) != self.ff.activation:
+            raise ValueError(f"torch layer activation is {_torch_activation(layer)}, this block's is "
+                             f"{self.ff.activation}")
+        if layer.linear1.out_features != self.ff.linear1.out_features:
+            raise ValueError(f"torch dim_feedforward={layer.linear1.out_features} but ff_hidden="
+                             f"{self.ff.linear1.out_features}")
+        self.self_attn.copy_from_torch(layer.self_attn)
+        self.cross_attn.copy_from_torch(layer.multihead_attn)
+        for mine, theirs in ((self.norm1, layer.norm1), (self.norm2, layer.norm2), (self.norm3, layer.norm3)):
+            _copy_norm(mine, theirs)
+        _copy_linear(self.ff.linear1, layer.linear1)
+        _copy_linear(self.ff.linear2, layer.linear2)
+        return self
