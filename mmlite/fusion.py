@@ -188,10 +188,13 @@ class _CoAttentionLayer(nn.Module):
         self.ff_i = FeedForward(d_model, ff_hidden, dropout=dropout)
         self.ff_t = FeedForward(d_model, ff_hidden, dropout=dropout)
 
-    def forward(self, xi: Tensor, xt: Tensor, mi: Tensor | None, mt: Tensor | None) -> tuple[Tensor, Tensor]:
-        oi, ot = self.co_attn(self.norm_i(xi), self.norm_t(xt), mask1=mi, mask2=mt)
-        xi, xt = xi + oi, xt + ot
-        return xi + self.ff_i(self.ff_norm_i(xi)), xt + self.ff_t(self.ff_norm_t(xt))
+    def forward(self, xi: Tensor, xt: Tensor, mi: Tensor | None, mt: Tensor | None,
+                need_weights: bool = False) -> tuple[Tensor, ...]:
+        """Returns (xi, xt), plus the weights (B, heads, Ti, Tt) and (B, heads, Tt, Ti) if need_weights."""
+        out = self.co_attn(self.norm_i(xi), self.norm_t(xt), mask1=mi, mask2=mt, need_weights=need_weights)
+        xi, xt = xi + out[0], xt + out[1]
+        xi, xt = xi + self.ff_i(self.ff_norm_i(xi)), xt + self.ff_t(self.ff_norm_t(xt))
+        return (xi, xt, *out[2:]) if need_weights else (xi, xt)
 
 
 class CrossAttentionFusion(nn.Module):
@@ -217,14 +220,23 @@ class CrossAttentionFusion(nn.Module):
         self.norm_i, self.norm_t = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, image_mask: Tensor | None = None,
-                text_mask: Tensor | None = None) -> Tensor:
-        """(B, Ti, Di), (B, Tt, Dt) -> (B, 2 d_model)."""
+                text_mask: Tensor | None = None, return_weights: bool = False
+                ) -> Tensor | tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """(B, Ti, Di), (B, Tt, Dt) -> (B, 2 d_model).
+
+        With return_weights=True also returns, per layer, the attention weights image->text (B, heads, Ti, Tt)
+        and text->image (B, heads, Tt, Ti): row t of the second says which image regions word t looks at.
+        """
         _check_pair(image_tokens, text_tokens, image_mask, text_mask, self.d_image, self.d_text)
         xi, xt = self.image_proj(image_tokens), self.text_proj(text_tokens)  # (B, Ti, d_model), (B, Tt, d_model)
+        weights = []
         for layer in self.layers:
-            xi, xt = layer(xi, xt, image_mask, text_mask)
+            xi, xt, *w = layer(xi, xt, image_mask, text_mask, need_weights=return_weights)
+            if return_weights:
+                weights.append((w[0], w[1]))
         pooled = [masked_mean(self.norm_i(xi), image_mask), masked_mean(self.norm_t(xt), text_mask)]
-        return torch.cat(pooled, dim=-1)  # (B, 2 d_model)
+        fused = torch.cat(pooled, dim=-1)  # (B, 2 d_model)
+        return (fused, weights) if return_weights else fused
 
 
 FUSIONS = {

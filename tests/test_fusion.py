@@ -166,3 +166,17 @@ def test_make_fusion_and_input_errors():
         fusion(image, text, image_mask, text_mask[:, :4])
     with pytest.raises(TypeError, match="bool"):
         fusion(image, text, image_mask.float(), text_mask)
+
+
+def test_cross_attention_fusion_returns_weights_that_sum_to_one_over_real_keys():
+    torch.manual_seed(0)
+    fusion = CrossAttentionFusion(d_image=8, d_text=6, d_model=16, n_heads=2, layers=2)
+    image, text = torch.randn(3, 5, 8), torch.randn(3, 4, 6)
+    text_mask = torch.tensor([[True] * 4, [True, True, False, False], [True] * 3 + [False]])
+    fused, weights = fusion(image, text, text_mask=text_mask, return_weights=True)
+    torch.testing.assert_close(fused, fusion(image, text, text_mask=text_mask))
+    assert len(weights) == 2
+    i2t, t2i = weights[0]
+    assert i2t.shape == (3, 2, 5, 4) and t2i.shape == (3, 2, 4, 5)
+    torch.testing.assert_close(t2i.sum(-1), torch.ones(3, 2, 4))
+    assert torch.all(i2t[1, :, :, 2:] == 0), "padded words receive no attention"

@@ -1,0 +1,91 @@
+"""The image-text matching model, its training pairs and its evaluation."""
+
+import pytest
+import torch
+
+from mmlite.data import NEGATIVE_KINDS, DataConfig, build_tokenizer, caption_truth, generate, make_loader
+from mmlite.models import MatchingConfig, MatchingModel, evaluate_matching, matching_pairs, train_matching
+from mmlite.train import FitConfig, fit, warmup_cosine
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate(DataConfig(n_train=64, n_val=16, n_test=16, n_comp=16), seed=3)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gated", "hierarchical", "cross_attention"])
+@pytest.mark.parametrize("text_encoder", ["gru", "transformer"])
+def test_every_fusion_and_text_encoder_gives_logits(fusion, text_encoder, tok):
+    model = MatchingModel(MatchingConfig(vocab_size=len(tok), fusion=fusion, text_encoder=text_encoder, d_model=16,
+                                         cnn_width=8, hidden=8, n_heads=2))
+    ids, mask = tok.encode_batch(["a red circle", "two blue squares left of a star"], add_bos_eos=True)
+    logits = model(torch.rand(2, 3, 32, 32), ids, mask)
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_attention_weights_only_with_cross_attention(tok):
+    ids, mask = tok.encode_batch(["a red circle"], add_bos_eos=True)
+    model = MatchingModel(MatchingConfig(vocab_size=len(tok), d_model=16, cnn_width=8, n_heads=2))
+    _, weights = model(torch.rand(1, 3, 32, 32), ids, mask, return_weights=True)
+    assert weights[0][1].shape == (1, 2, ids.shape[1], 16)  # text -> 4x4 image regions
+    with pytest.raises(ValueError, match="cross_attention"):
+        MatchingModel(MatchingConfig(vocab_size=len(tok), fusion="concat"))(
+            torch.rand(1, 3, 32, 32), ids, mask, return_weights=True)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        MatchingConfig(vocab_size=10, fusion="sum")
+    with pytest.raises(ValueError, match="hierarchical"):
+        MatchingConfig(vocab_size=10, fusion="hierarchical", image_encoder="vit")
+
+
+def test_matching_pairs_labels_follow_the_scene(world, tok):
+    loader = make_loader(world["train"], tok, batch_size=32, shuffle=True, seed=0)
+    batch = next(iter(loader))
+    pairs = matching_pairs(batch, tok, torch.Generator().manual_seed(0))
+    assert pairs["image"].shape[0] == pairs["ids"].shape[0] == 64
+    assert pairs["label"][:32].eq(1).all()
+    hard = pairs["kind"] >= 0
+    assert hard.any() and (~hard[32:]).any()
+    assert pairs["label"][hard].eq(0).all(), "hard negatives are always false"
+    for row in range(64):  # every label agrees with the scene
+        text = tok.decode(pairs["ids"][row])
+        truth = caption_truth(text, batch["objects"][row % 32].numpy())
+        assert truth is not None and int(truth) == int(pairs["label"][row]), (row, text)
+
+
+def test_fit_lowers_the_loss_and_evaluation_reports_every_kind(world, tok):
+    torch.manual_seed(0)
+    model = MatchingModel(MatchingConfig(vocab_size=len(tok), d_model=16, cnn_width=8, n_heads=2, hidden=16))
+    history = train_matching(model, world["train"], tok, FitConfig(steps=30, lr=3e-3, warmup=5), batch_size=16,
+                             hard_fraction=0.0)
+    assert len(history.losses) == 30
+    assert sum(history.losses[-5:]) / 5 < sum(history.losses[:5]) / 5
+    report = evaluate_matching(model, world["test"], tok, batch_size=32)
+    assert report["n_images"] == 16
+    for key in ["accuracy", "positive", "easy", "hard"] + [f"binding/{k}" for k in NEGATIVE_KINDS]:
+        assert 0.0 <= report[key] <= 1.0, key
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = FitConfig(steps=100, warmup=10, min_lr_ratio=0.1)
+    values = [warmup_cosine(s, cfg) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert values[-1] == pytest.approx(0.1, abs=1e-3)
+    with pytest.raises(ValueError, match="steps"):
+        FitConfig(steps=0)
+
+
+def test_fit_says_when_batches_run_out(tok):
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="ran out after 2 steps"):
+        fit(model, [torch.ones(2), torch.ones(2)], lambda m, b: m(b).sum(), FitConfig(steps=3, warmup=0))
