@@ -1,0 +1,289 @@
+"""Caption grammar and hard negatives of the shapes world (derived in chapter 1).
+
+A caption is first built as a spec (a small tuple), then rendered to text; its claims come from the
+same spec, so the generator can check every sentence against the scene (mmlite.data.semantics):
+  ("listing", intro, (F1, ..., Fn))        "a small red circle and a large blue square"
+  ("count", intro, ((k, F, noun), ...))    "there are two red objects and one blue object"
+  ("rel_def", Fa, rel, phrase, Fb)         "the red circle is left of the blue square"
+  ("rel_indef", intro, Fa, rel, phrase, Fb, def_b)  "there is a circle above the green star"
+Hard negatives edit a spec so that it keeps its words (or changes one colour) and becomes False.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence, TypeVar
+
+import numpy as np
+
+from mmlite.data.semantics import (COUNT_INTROS, LISTING_INTROS, NOUN_PLURALS, NOUNS, RELATION_PHRASES, Obj,
+                                   count, relation, truth)
+from mmlite.data.world import COLORS, NUMBERS, SHAPE_PLURALS, SHAPES, SIZES
+
+T = TypeVar("T")
+NEGATIVE_KINDS: tuple[str, ...] = ("swap_attribute", "swap_relation", "change_color")
+# Relative frequency of each caption family among captions 2..n (caption 1 is always the listing).
+_FAMILY_WEIGHTS = {"listing": 2, "count_total": 1, "count_attr": 2, "rel_def": 3, "rel_indef": 2}
+
+
+class Draw:
+    """Uniform draws from a numpy Generator, buffered so that Python loops can take them one by one."""
+
+    def __init__(self, rng: np.random.Generator, block: int = 1 << 16) -> None:
+        self.rng, self.block, self.buf, self.i = rng, block, [], 0
+
+    def u(self) -> float:
+        """One uniform number in [0, 1)."""
+        if self.i == len(self.buf):
+            self.buf, self.i = self.rng.random(self.block).tolist(), 0
+        self.i += 1
+        return self.buf[self.i - 1]
+
+    def below(self, n: int) -> int:
+        """A uniform integer in 0..n-1."""
+        if self.i == len(self.buf):
+            self.buf, self.i = self.rng.random(self.block).tolist(), 0
+        self.i += 1
+        return min(int(self.buf[self.i - 1] * n), n - 1)
+
+    def choice(self, seq: Sequence[T]) -> T:
+        """One item of a non-empty sequence."""
+        return seq[self.below(len(seq))]
+
+    def shuffled(self, seq: Iterable[T]) -> list[T]:
+        """A shuffled copy (Fisher-Yates)."""
+        out = list(seq)
+        for i in range(len(out) - 1, 0, -1):
+            j = self.below(i + 1)
+            out[i], out[j] = out[j], out[i]
+        return out
+
+
+# ---------------------------------------------------------------- noun phrases
+def phrase(f: tuple, noun: str = "object", plural: bool = False) -> str:
+    """[size] [colour] shape-or-noun for filter f = (shape, colour, size), e.g. "small red circle"."""
+    words = [SIZES[f[2]]] if f[2] is not None else []
+    if f[1] is not None:
+        words.append(COLORS[f[1]])
+    if f[0] is not None:
+        words.append(SHAPE_PLURALS[f[0]] if plural else SHAPES[f[0]])
+    else:
+        words.append(NOUN_PLURALS[NOUNS.index(noun)] if plural else noun)
+    return " ".join(words)
+
+
+def indefinite(text: str) -> str:
+    """Prefix "a" or "an"."""
+    return ("an " if text[0] in "aeiou" else "a ") + text
+
+
+def unique_refs(objs: list[Obj], i: int, forms: tuple[tuple[bool, bool, bool], ...]) -> list[tuple]:
+    """Filters built from object i's attributes (form = use shape, colour, size) that match it alone."""
+    o = objs[i]
+    out = []
+    for use_shape, use_color, use_size in forms:
+        f = (o[0] if use_shape else None, o[1] if use_color else None, o[2] if use_size else None)
+        if count(objs, f) == 1:
+            out.append(f)
+    return out
+
+
+_REF_FORMS = ((True, False, False), (True, False, True), (True, True, False), (True, True, True))
+_COLOR_REF_FORMS = ((True, True, False), (True, True, True))  # descriptions that name the colour
+
+
+def _ref(objs: list[Obj], i: int, d: Draw, forms: tuple = _REF_FORMS) -> tuple:
+    return d.choice(unique_refs(objs, i, forms))
+
+
+# ---------------------------------------------------------------- specs -> text and claims
+def render(spec: tuple) -> str:
+    """The sentence of a caption spec."""
+    kind = spec[0]
+    if kind == "listing":
+        body = " and ".join(indefinite(phrase(f)) for f in spec[2])
+    elif kind == "count":
+        parts = [f"{NUMBERS[k]} {phrase(f, noun, plural=k != 1)}" for k, f, noun in spec[2]]
+        body = " and ".join(parts)
+        if spec[1] == "there":
+            return ("there is " if spec[2][0][0] == 1 else "there are ") + body
+    elif kind == "rel_def":
+        _, fa, _, words, fb = spec
+        return f"the {phrase(fa)} is {words} the {phrase(fb)}"
+    else:  # rel_indef
+        _, _, fa, _, words, fb, def_b = spec
+        body = f"{indefinite(phrase(fa))} {words} {'the ' + phrase(fb) if def_b else indefinite(phrase(fb))}"
+    return f"{spec[1]} {body}" if spec[1] else body
+
+
+def claims(spec: tuple) -> list[tuple]:
+    """The claims (mmlite.data.semantics) a caption spec makes."""
+    kind = spec[0]
+    if kind == "listing":
+        return [("all", tuple(spec[2]))]
+    if kind == "count":
+        return [("count", f, k) for k, f, _ in spec[2]]
+    if kind == "rel_def":
+        return [("rel", spec[1], True, spec[2], spec[4], True)]
+    return [("rel", spec[2], False, spec[3], spec[5], spec[6])]
+
+
+# ---------------------------------------------------------------- caption families
+def _listing(objs: list[Obj], d: Draw, first: bool = False) -> tuple:
+    if first:  # caption 1: no intro, full attributes, objects from left to right
+        order, full, intro = sorted(range(len(objs)), key=lambda i: (objs[i][3], objs[i][4])), True, ""
+    else:
+        order, full = d.shuffled(range(len(objs))), d.u() < 0.5
+        intro = d.choice(LISTING_INTROS + (("there is",) if len(objs) == 1 else ()))
+    return ("listing", intro, tuple((objs[i][0], objs[i][1], objs[i][2] if full else None) for i in order))
+
+
+def _count_total(objs: list[Obj], d: Draw) -> tuple:
+    return ("count", d.choice(COUNT_INTROS + ("there",)), ((len(objs), (None, None, None), d.choice(NOUNS)),))
+
+
+def _count_attr(objs: list[Obj], d: Draw) -> tuple:
+    attr = d.below(3)  # 0 shape, 1 colour, 2 size
+    values = d.shuffled(sorted({o[attr] for o in objs}))[:1 + (d.u() < 0.5)]
+    noun = d.choice(NOUNS)
+    items = []
+    for v in values:
+        f = tuple(v if a == attr else None for a in range(3))
+        items.append((count(objs, f), f, noun))
+    return ("count", d.choice(COUNT_INTROS + ("there",)), tuple(items))
+
+
+def _clear_pairs(objs: list[Obj], margin: int) -> list[tuple[int, int, int]]:
+    return [(i, j, r) for i in range(len(objs)) for j in range(len(objs)) if i != j
+            for r in range(4) if relation(objs[i], objs[j], r, margin) is True]
+
+
+def _rel_def(objs: list[Obj], d: Draw, pairs: list, forms: tuple = _REF_FORMS) -> tuple:
+    i, j, r = d.choice(pairs)
+    return ("rel_def", _ref(objs, i, d, forms), r, d.choice(RELATION_PHRASES[r]), _ref(objs, j, d, forms))
+
+
+def _rel_indef(objs: list[Obj], d: Draw, pairs: list) -> tuple:
+    i, j, r = d.choice(pairs)
+    fa = d.choice([(objs[i][0], None, None), (objs[i][0], objs[i][1], None), (objs[i][0], objs[i][1], objs[i][2])])
+    def_b = d.u() < 0.5
+    fb = _ref(objs, j, d) if def_b else (objs[j][0], objs[j][1], None if d.u() < 0.5 else objs[j][2])
+    return ("rel_indef", d.choice(("", "there is")), fa, r, d.choice(RELATION_PHRASES[r]), fb, def_b)
+
+
+def caption_specs(objs: list[Obj], d: Draw, n_captions: int, margin: int) -> list[tuple]:
+    """n_captions true caption specs, distinct as bags of words; the first lists every object left to right."""
+    pairs = _clear_pairs(objs, margin)
+    families = [f for f in _FAMILY_WEIGHTS if pairs or not f.startswith("rel")]
+    weights = np.cumsum([_FAMILY_WEIGHTS[f] for f in families]) / sum(_FAMILY_WEIGHTS[f] for f in families)
+    specs = [_listing(objs, d, first=True)]
+    bags = {tuple(sorted(render(specs[0]).split()))}  # distinct even as bags of words, not only in order
+    while len(specs) < n_captions:
+        for _ in range(20):  # look for a sentence not used yet
+            family = families[int(np.searchsorted(weights, d.u(), side="right"))]
+            if family == "listing":
+                spec = _listing(objs, d)
+            elif family == "count_total":
+                spec = _count_total(objs, d)
+            elif family == "count_attr":
+                spec = _count_attr(objs, d)
+            elif family == "rel_def":
+                spec = _rel_def(objs, d, pairs)
+            else:
+                spec = _rel_indef(objs, d, pairs)
+            if tuple(sorted(render(spec).split())) not in bags:
+                break
+        specs.append(spec)
+        bags.add(tuple(sorted(render(spec).split())))
+    return specs
+
+
+# ---------------------------------------------------------------- hard negatives
+def _with_color(f: tuple, c: int) -> tuple:
+    return (f[0], c, f[2])
+
+
+def _swap_attribute(spec: tuple, d: Draw) -> list[tuple]:
+    """Specs that swap the colour (or, if equal, the size) of two objects a caption names."""
+    out = []
+    if spec[0] == "listing":
+        fs = spec[2]
+        for a in range(len(fs)):
+            for b in range(a + 1, len(fs)):
+                new = list(fs)
+                if fs[a][1] is not None and fs[a][1] != fs[b][1]:
+                    new[a], new[b] = _with_color(fs[a], fs[b][1]), _with_color(fs[b], fs[a][1])
+                elif fs[a][2] is not None and fs[a][2] != fs[b][2]:
+                    new[a], new[b] = fs[a][:2] + (fs[b][2],), fs[b][:2] + (fs[a][2],)
+                else:
+                    continue
+                out.append(("listing", spec[1], tuple(new)))
+    elif spec[0] == "rel_def":
+        _, fa, r, words, fb = spec
+        if fa[1] is not None and fb[1] is not None and fa[1] != fb[1]:
+            out.append(("rel_def", _with_color(fa, fb[1]), r, words, _with_color(fb, fa[1])))
+    return out
+
+
+def _swap_relation(spec: tuple, d: Draw) -> list[tuple]:
+    """Specs that exchange the two sides of a relation."""
+    if spec[0] == "rel_def":
+        _, fa, r, words, fb = spec
+        return [("rel_def", fb, r, words, fa)]
+    if spec[0] == "rel_indef" and not spec[6]:
+        _, intro, fa, r, words, fb, _ = spec
+        return [("rel_indef", intro, fb, r, words, fa, False)]
+    return []
+
+
+def _change_color(spec: tuple, d: Draw) -> list[tuple]:
+    """Specs with one colour word replaced by another colour."""
+    out = []
+    others = lambda c: [x for x in range(len(COLORS)) if x != c]  # noqa: E731
+    if spec[0] == "listing":
+        for a, f in enumerate(spec[2]):
+            if f[1] is not None:
+                new = list(spec[2])
+                new[a] = _with_color(f, d.choice(others(f[1])))
+                out.append(("listing", spec[1], tuple(new)))
+    elif spec[0] == "rel_def":
+        _, fa, r, words, fb = spec
+        if fa[1] is not None:
+            out.append(("rel_def", _with_color(fa, d.choice(others(fa[1]))), r, words, fb))
+        if fb[1] is not None:
+            out.append(("rel_def", fa, r, words, _with_color(fb, d.choice(others(fb[1])))))
+    elif spec[0] == "count":
+        for a, (k, f, noun) in enumerate(spec[2]):
+            if f[1] is not None:
+                new = list(spec[2])
+                new[a] = (k, _with_color(f, d.choice(others(f[1]))), noun)
+                out.append(("count", spec[1], tuple(new)))
+    return out
+
+
+_EDITS = {"swap_attribute": _swap_attribute, "swap_relation": _swap_relation, "change_color": _change_color}
+
+
+def negative_specs(objs: list[Obj], d: Draw, captions: list[tuple], margin: int) -> list[tuple[tuple, str]]:
+    """One false spec per negative kind that this scene allows, in NEGATIVE_KINDS order.
+
+    Sources are the image's own captions plus fresh listings and colour-naming relations; an edit
+    is kept only if the edited caption is False for the scene (not merely unprovable).
+    """
+    pairs = _clear_pairs(objs, margin)
+    sources = list(captions) + [_listing(objs, d), ("listing", "", tuple((o[0], o[1], o[2]) for o in objs))]
+    if pairs:
+        sources += [_rel_def(objs, d, pairs, _COLOR_REF_FORMS), _rel_def(objs, d, pairs)]
+    out = []
+    for kind in NEGATIVE_KINDS:
+        for source in d.shuffled(sources):
+            edits = [e for e in _EDITS[kind](source, d) if truth(claims(e), objs, margin) is False]
+            if edits:
+                out.append((d.choice(edits), kind))
+                break
+    return out
+
+
+def is_true(spec: tuple, objs: list[Obj], margin: int) -> bool | None:
+    """Truth of a caption spec for a scene."""
+    return truth(claims(spec), objs, margin)
+

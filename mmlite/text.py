@@ -1,0 +1,129 @@
+"""Word-level tokenizer with fixed special tokens (derived in chapter 1)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+# Special tokens, in this order, take ids 0..6; words follow from id 7.
+SPECIALS: tuple[str, ...] = ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "[BOS]", "[EOS]")
+
+# A word is a run of characters other than whitespace, "?" and ","; "?" and "," are tokens of their own.
+_TOKEN_RE = re.compile(r"[^\s?,]+|[?,]")
+
+
+class Tokenizer:
+    """Maps words to ids and back: [PAD]=0, [CLS]=1, [SEP]=2, [MASK]=3, [UNK]=4, [BOS]=5, [EOS]=6, words."""
+
+    def __init__(self, words: Iterable[str]) -> None:
+        words = list(words)
+        seen: set[str] = set()
+        for w in words:
+            if not isinstance(w, str):
+                raise TypeError(f"words must be strings, got {type(w).__name__}: {w!r}")
+            if w in SPECIALS:
+                raise ValueError(f"word {w!r} clashes with a special token; specials are {list(SPECIALS)}")
+            if w != w.lower() or not _TOKEN_RE.fullmatch(w):
+                raise ValueError(f"word {w!r} is not a single lower-case token as tokenize() would produce")
+            if w in seen:
+                raise ValueError(f"duplicate word {w!r} in the vocabulary")
+            seen.add(w)
+        self.specials: tuple[str, ...] = SPECIALS
+        self.vocab: list[str] = list(SPECIALS) + words  # id -> token
+        self.token_to_id: dict[str, int] = {t: i for i, t in enumerate(self.vocab)}
+        self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id, self.bos_id, self.eos_id = range(7)
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({len(self.vocab) - len(SPECIALS)} words + {len(SPECIALS)} specials)"
+
+    def id_to_token(self, i: int) -> str:
+        """The token with id `i`."""
+        if not 0 <= int(i) < len(self.vocab):
+            raise ValueError(f"token id {int(i)} is out of range 0..{len(self.vocab) - 1}")
+        return self.vocab[int(i)]
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        """Lower-case, split on whitespace, and split "?" and "," off as tokens of their own."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return _TOKEN_RE.findall(text.lower())
+
+    def encode(self, text: str, add_bos_eos: bool = False, add_cls: bool = False,
+               strict: bool = False) -> list[int]:
+        """Token ids of `text`: optional [CLS] first, then [BOS] words [EOS]; unknown words -> [UNK].
+
+        With strict=True an unknown word raises ValueError naming it and its position.
+        """
+        tokens = self.tokenize(text)
+        ids = [self.token_to_id.get(t, self.unk_id) for t in tokens]
+        if strict and self.unk_id in ids:
+            unknown = [f"{t!r} at position {k}" for k, t in enumerate(tokens) if t not in self.token_to_id]
+            raise ValueError(f"unknown word(s) {', '.join(unknown)} in text {text!r}")
+        if add_bos_eos:
+            ids = [self.bos_id] + ids + [self.eos_id]
+        if add_cls:
+            ids = [self.cls_id] + ids
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], max_len: int | None = None, add_bos_eos: bool = False,
+                     add_cls: bool = False, strict: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode and right-pad with [PAD]: ids (B, T) long and mask (B, T) bool, True = real token.
+
+        T is the longest sequence in the batch, or `max_len` (longer sequences are cut silently).
+        """
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, got a single str")
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+            raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
+        seqs = [self.encode(t, add_bos_eos=add_bos_eos, add_cls=add_cls, strict=strict) for t in texts]
+        if max_len is not None:
+            seqs = [s[:max_len] for s in seqs]
+        T = max_len if max_len is not None else max((len(s) for s in seqs), default=0)
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(seqs), T), dtype=torch.bool)  # (B, T)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[b, : len(s)] = True
+        return ids, mask
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special: bool = True) -> str:
+        """Words of `ids` joined by spaces; with skip_special, specials are dropped and [EOS] ends the text."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"ids must be 1-D, got a tensor of shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        words = []
+        for i in ids:
+            token = self.id_to_token(i)
+            if skip_special:
+                if i == self.eos_id:
+                    break
+                if i < len(SPECIALS):
+                    continue
+            words.append(token)
+        return " ".join(words)
+
+    def save(self, path: str | Path) -> None:
+        """Write the vocabulary as JSON (specials first, then words)."""
+        Path(path).write_text(json.dumps({"specials": list(SPECIALS), "words": self.vocab[len(SPECIALS):]},
+                                         indent=0) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Read a tokenizer written by save()."""
+        try:
+            data = json.loads(Path(path).read_text())
+            specials, words = data["specials"], data["words"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"tokenizer file {path} is not a saved Tokenizer: {err}") from None
+        if tuple(specials) != SPECIALS:
+            raise ValueError(f"tokenizer file {path} has specials {specials}, expected {list(SPECIALS)}")
+        return cls(words)

@@ -1,0 +1,93 @@
+"""`python -m mmlite data`: identical bytes from the same seed, the files it writes, clear errors."""
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mmlite.cli import main
+from mmlite.data import SPLITS, describe, read_world
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The tiny preset written twice with seed 0, into two folders; plus the printed summary."""
+    root = tmp_path_factory.mktemp("runs")
+    outputs = []
+    for name in ("a", "b"):
+        buf = io.StringIO()  # capsys is function-scoped, so capture by hand
+        with contextlib.redirect_stdout(buf):
+            assert main(["data", "--preset", "tiny", "--seed", "0", "--out", str(root / name)]) == 0
+        outputs.append(buf.getvalue())
+    return root, outputs
+
+
+def test_same_seed_writes_identical_files(two_runs):
+    root, _ = two_runs
+    files = sorted(p.relative_to(root / "a") for p in (root / "a").rglob("*") if p.is_file())
+    assert {str(f) for f in files} >= {"meta.json", "stats.json", "samples.png", "train/images.npy",
+                                        "comp/text.json"}
+    assert len(files) == 3 + 3 * len(SPLITS)
+    for f in files:
+        assert (root / "a" / f).read_bytes() == (root / "b" / f).read_bytes(), f"{f} differs between runs"
+
+
+def test_written_world_stats_and_grid(two_runs):
+    root, outputs = two_runs
+    world = read_world(root / "a")
+    assert [len(world[s]) for s in SPLITS] == [2000, 500, 500, 500]
+    stats = json.loads((root / "a" / "stats.json").read_text())
+    assert stats == {s: describe(world[s]) for s in SPLITS}
+    png = (root / "a" / "samples.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and b"Software" not in png
+    summary = outputs[0]
+    for needle in ("train 2000, val 500, test 500, comp 500", "vocabulary 59 words", "21 answers", "images/s",
+                   str(root / "a")):
+        assert needle in summary
+
+
+def test_other_seed_and_image_size(two_runs, tmp_path):
+    root, _ = two_runs
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["data", "--seed", "1", "--image-size", "16", "--out", str(tmp_path / "s1")]) == 0
+    s1, s0 = read_world(tmp_path / "s1"), read_world(root / "a")
+    assert s1["train"].images.shape == (2000, 16, 16, 3) and s0["train"].images.shape == (2000, 32, 32, 3)
+    assert s1["train"].captions != s0["train"].captions
+    assert not np.array_equal(s1["val"].objects, s0["val"].objects)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data", "--seed", "-1"], "non-negative integer"),
+    (["data", "--preset", "huge"], "invalid choice"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_values_are_one_clear_line(tmp_path, capsys):
+    existing = tmp_path / "file.txt"
+    existing.write_text("not a folder")
+    assert main(["data", "--out", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is an existing file" in err and str(existing) in err
+    assert main(["data", "--image-size", "8", "--out", str(tmp_path / "x")]) == 2
+    assert "--image-size" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    assert main(["data", "--out", str(tmp_path / "full")]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+
+
+def test_command_line_process_exit_code(tmp_path):
+    existing = tmp_path / "file.txt"
+    existing.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "mmlite", "data", "--out", str(existing)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "is an existing file" in proc.stderr and "Traceback" not in proc.stderr
