@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size preset (default: tiny)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="generator seed (default: 0)")
     p.add_argument("--out", default=None,
-                   help="output folder (default: data/cache/<preset>-seed<seed>)")
+                   help="output folder (default: data/cache/<preset>-seed<seed>, with -size<N> for a non-default size)")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="image side in pixels (default: the preset's, 32)")
 
