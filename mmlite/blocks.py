@@ -78,6 +78,18 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(ACTIVATIONS[self.activation](self.linear1(x))))
 
 
+def _check_torch_layer(layer: nn.Module, expected: type, ff: FeedForward) -> None:
+    """Raise unless `layer` is a pre-norm torch layer of type `expected` whose feed-forward matches `ff`."""
+    if not isinstance(layer, expected):
+        raise TypeError(f"expected torch.nn.{expected.__name__}, got {type(layer).__name__}")
+    if not layer.norm_first:
+        raise ValueError("layer has norm_first=False (post-norm); this block is pre-norm")
+    if _torch_activation(layer) != ff.activation:
+        raise ValueError(f"torch layer activation is {_torch_activation(layer)}, this block's is {ff.activation}")
+    if layer.linear1.out_features != ff.linear1.out_features:
+        raise ValueError(f"torch dim_feedforward={layer.linear1.out_features} but ff_hidden={ff.linear1.out_features}")
+
+
 class EncoderBlock(nn.Module):
     """Pre-norm transformer encoder block: self-attention then feed-forward, each with a residual."""
 
@@ -109,16 +121,7 @@ class EncoderBlock(nn.Module):
 
     def copy_from_torch(self, layer: nn.TransformerEncoderLayer) -> "EncoderBlock":
         """Copy weights from torch.nn.TransformerEncoderLayer(norm_first=True) of the same sizes; returns self."""
-        if not isinstance(layer, nn.TransformerEncoderLayer):
-            raise TypeError(f"expected torch.nn.TransformerEncoderLayer, got {type(layer).__name__}")
-        if not layer.norm_first:
-            raise ValueError("layer has norm_first=False (post-norm); this block is pre-norm")
-        if _torch_activation(layer) != self.ff.activation:
-            raise ValueError(f"torch layer activation is {_torch_activation(layer)}, this block's is "
-                             f"{self.ff.activation}")
-        if layer.linear1.out_features != self.ff.linear1.out_features:
-            raise ValueError(f"torch dim_feedforward={layer.linear1.out_features} but ff_hidden="
-                             f"{self.ff.linear1.out_features}")
+        _check_torch_layer(layer, nn.TransformerEncoderLayer, self.ff)
         self.attn.copy_from_torch(layer.self_attn)
         _copy_norm(self.norm1, layer.norm1)
         _copy_norm(self.norm2, layer.norm2)
@@ -169,16 +172,7 @@ class DecoderBlock(nn.Module):
 
     def copy_from_torch(self, layer: nn.TransformerDecoderLayer) -> "DecoderBlock":
         """Copy weights from torch.nn.TransformerDecoderLayer(norm_first=True) of the same sizes; returns self."""
-        if not isinstance(layer, nn.TransformerDecoderLayer):
-            raise TypeError(f"expected torch.nn.TransformerDecoderLayer, got {type(layer).__name__}")
-        if not layer.norm_first:
-            raise ValueError("layer has norm_first=False (post-norm); this block is pre-norm")
-        if _torch_activation(layer) != self.ff.activation:
-            raise ValueError(f"torch layer activation is {_torch_activation(layer)}, this block's is "
-                             f"{self.ff.activation}")
-        if layer.linear1.out_features != self.ff.linear1.out_features:
-            raise ValueError(f"torch dim_feedforward={layer.linear1.out_features} but ff_hidden="
-                             f"{self.ff.linear1.out_features}")
+        _check_torch_layer(layer, nn.TransformerDecoderLayer, self.ff)
         self.self_attn.copy_from_torch(layer.self_attn)
         self.cross_attn.copy_from_torch(layer.multihead_attn)
         for mine, theirs in ((self.norm1, layer.norm1), (self.norm2, layer.norm2), (self.norm3, layer.norm3)):
