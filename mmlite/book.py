@@ -64,6 +64,21 @@ def _clean(nb) -> None:
         cell["id"] = f"cell-{i:03d}"
         cell.metadata.pop("execution", None)
         cell.metadata.pop("ExecuteTime", None)
+        if cell.cell_type == "code":
+            cell.outputs = _merge_streams(cell.outputs)
+
+
+def _merge_streams(outputs: list) -> list:
+    """Join consecutive chunks of the same stream: how a kernel splits its stdout varies run to run."""
+    merged: list = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (prev is not None and out.get("output_type") == "stream" and prev.get("output_type") == "stream"
+                and out.get("name") == prev.get("name")):
+            prev["text"] = prev["text"] + out["text"]
+        else:
+            merged.append(out)
+    return merged
 
 
 def build(py_path: Path, execute: bool = True, timeout: int = 1200) -> float:

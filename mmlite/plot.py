@@ -36,7 +36,8 @@ def image_grid(images, titles: Sequence[str] | None = None, ncols: int = 8, size
         if i < n:
             ax.imshow(_to_hwc(images[i]), interpolation="nearest")
             if titles is not None:
-                ax.set_title("\n".join(textwrap.wrap(titles[i], wrap)), fontsize=fontsize)
+                lines = [w for line in titles[i].split("\n") for w in (textwrap.wrap(line, wrap) or [""])]
+                ax.set_title("\n".join(lines), fontsize=fontsize)
     fig.tight_layout()
     return fig
 
@@ -72,9 +73,11 @@ def heatmap(ax, matrix, row_labels: Sequence[str] | None = None, col_labels: Seq
     if col_labels is not None:
         ax.set_xticks(range(len(col_labels)), col_labels, fontsize=7, rotation=60, ha="right")
     if annotate:
+        middle = (np.nanmin(m) + np.nanmax(m)) / 2
         for i in range(m.shape[0]):
-            for j in range(m.shape[1]):
-                ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=6, color="w")
+            for j in range(m.shape[1]):  # dark text on light cells, light text on dark ones
+                color = "black" if m[i, j] > middle else "white"
+                ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=6, color=color)
     if title:
         ax.set_title(title, fontsize=9)
     return im
