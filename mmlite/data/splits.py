@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from mmlite.data.grammar import Draw, caption_specs, negative_specs, render
 from mmlite.data.questions import questions_for
 from mmlite.data.semantics import scene_list
 from mmlite.data.world import COLORS, FIELDS, SHAPES, SIZES, VALID, make_scenes
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "comp")
 CHUNK = 1000  # scenes per chunk (part of the data's definition: changing it changes the data)
@@ -43,6 +47,13 @@ class Split:
     def __repr__(self) -> str:
         n, h, w, _ = self.images.shape
         return f"Split({self.name!r}, {n} images of {h}x{w}, {len(self.captions[0]) if n else 0} captions each)"
+
+    def image_tensor(self, index: np.ndarray | list[int] | None = None) -> "torch.Tensor":
+        """Images as float32 (N, 3, H, W) in [0, 1], all or those at `index`: the layout the models take."""
+        import torch
+
+        images = self.images if index is None else self.images[np.asarray(index)]
+        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)  # (N, 3, H, W)
 
     def scene(self, i: int) -> list[dict[str, object]]:
         """Readable objects of image i: [{"shape": "circle", "color": "red", "size": "small", "x": 31, "y": 70}]."""

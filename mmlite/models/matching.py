@@ -189,11 +189,10 @@ def evaluate_matching(model: MatchingModel, split: "Split", tokenizer: Tokenizer
         for caption, kind in split.negatives[i]:
             texts.append(caption); owners.append(i); groups.append(kind)
     probs = []
-    images_all = torch.from_numpy(split.images).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
     for start in range(0, len(texts), batch_size):
         rows = owners[start:start + batch_size]
         ids, mask = tokenizer.encode_batch(texts[start:start + batch_size], add_bos_eos=True, strict=True)
-        images = images_all[rows].float().div(255).to(device)  # (b, 3, H, W)
+        images = split.image_tensor(rows).to(device)  # (b, 3, H, W)
         probs.append(model.match_probability(images, ids.to(device), mask.to(device)).cpu())
     p = torch.cat(probs)
     owners_t = torch.tensor(owners)
