@@ -168,6 +168,24 @@ def test_held_out_pairs_never_leak_and_comp_has_them(world):
     assert describe(world["comp"])["held_out_objects"] >= len(world["comp"])
 
 
+def test_no_text_outside_comp_names_a_held_out_pair(world):
+    """Otherwise "names a red triangle" is a perfect cue for "false" in training (swapping the colours of
+    "a red circle and a blue triangle" gives "a blue circle and a red triangle")."""
+    named = re.compile("|".join(rf"\b{c} {s}(e?s)?\b" for c, s in HELD_OUT_PAIRS))
+    for name in SPLITS:
+        split = world[name]
+        texts = {"captions": [c for caps in split.captions for c in caps],
+                 "negatives": [c for negs in split.negatives for c, _ in negs],
+                 "questions": [q for qs in split.questions for q, _, _ in qs]}
+        hits = {kind: sum(bool(named.search(t)) for t in ts) for kind, ts in texts.items()}
+        if name == "comp":  # there they are the point: the true captions name them, and so do some edits
+            assert min(hits.values()) > 0, hits
+        else:
+            assert hits == {"captions": 0, "negatives": 0, "questions": 0}, (name, hits)
+    kinds = Counter(kind for negs in world["train"].negatives for _, kind in negs)
+    assert kinds["swap_attribute"] > 0.5 * len(world["train"]), kinds  # the filter leaves most swaps
+
+
 def test_scene_arrays_are_well_formed(world):
     cfg = PRESETS["tiny"]
     for split in world.values():
@@ -288,7 +306,11 @@ def test_every_negative_is_false_for_its_scene(world):
                     assert rel(the(objs, m[1]), the(objs, m[3]), REL_WORDS[m[2]]) is False
                 if kind == "change_color":
                     assert any(w in COLORS for w in text.split())
-            if len(objs) >= 2 and len({o["color"] for o in objs}) >= 2:
+            swappable = [(a, b) for a in objs for b in objs if a["color"] != b["color"]  # a swap that is false
+                         and (a["shape"], a["size"]) != (b["shape"], b["size"])  # and, neither colour
+                         and (split.name == "comp" or not {(a["color"], b["shape"]), (b["color"], a["shape"])}
+                              & set(HELD_OUT_PAIRS))]  # with the other shape a held-out pair outside comp
+            if swappable:
                 assert "swap_attribute" in {k for _, k in negs}, objs
     assert min(kinds.values()) > 1000
 

@@ -14,12 +14,12 @@ from mmlite.data.semantics import caption_truth, parse_caption
 from mmlite.data.splits import SPLITS, Split, generate
 from mmlite.data.stats import describe
 from mmlite.data.world import (COLOR_RGB, COLORS, FIELDS, HELD_OUT_PAIRS, NUMBERS, RELATIONS, SHAPES, SIZES,
-                               is_held_out)
+                               is_held_out, names_held_out)
 
 __all__ = [
     "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "RELATIONS", "NUMBERS", "ANSWERS", "QUESTION_TYPES",
     "NEGATIVE_KINDS", "FIELDS", "MAX_OBJECTS", "HELD_OUT_PAIRS", "SPLITS", "DataConfig", "PRESETS", "Split",
     "generate", "load", "save_world", "read_world", "cache_root", "world_name", "vocabulary", "build_tokenizer",
     "ShapesDataset", "EpochSampler", "collate", "make_loader", "render_scenes", "describe", "parse_caption",
-    "caption_truth", "is_held_out",
+    "caption_truth", "is_held_out", "names_held_out",
 ]

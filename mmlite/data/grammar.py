@@ -7,6 +7,9 @@ same spec, so the generator can check every sentence against the scene (mmlite.d
   ("rel_def", Fa, rel, phrase, Fb)         "the red circle is left of the blue square"
   ("rel_indef", intro, Fa, rel, phrase, Fb, def_b)  "there is a circle above the green star"
 Hard negatives edit a spec so that it keeps its words (or changes one colour) and becomes False.
+Outside the `comp` split no text names a held-out colour-shape pair: an edit that would (swapping the
+colours of "a red circle and a blue triangle" gives "a blue circle and a red triangle") is not used,
+or "names a held-out pair" would be a perfect cue for "false" in training.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 
 from mmlite.data.semantics import (COUNT_INTROS, LISTING_INTROS, NOUN_PLURALS, NOUNS, RELATION_PHRASES, Obj,
                                    count, relation, truth)
-from mmlite.data.world import COLORS, NUMBERS, SHAPE_PLURALS, SHAPES, SIZES
+from mmlite.data.world import COLORS, NUMBERS, SHAPE_PLURALS, SHAPES, SIZES, names_held_out
 
 T = TypeVar("T")
 NEGATIVE_KINDS: tuple[str, ...] = ("swap_attribute", "swap_relation", "change_color")
@@ -263,11 +266,25 @@ def _change_color(spec: tuple, d: Draw) -> list[tuple]:
 _EDITS = {"swap_attribute": _swap_attribute, "swap_relation": _swap_relation, "change_color": _change_color}
 
 
-def negative_specs(objs: list[Obj], d: Draw, captions: list[tuple], margin: int) -> list[tuple[tuple, str]]:
+def spec_features(spec: tuple) -> list[tuple]:
+    """Every (shape, colour, size) feature tuple a caption spec names."""
+    kind = spec[0]
+    if kind == "listing":
+        return list(spec[2])
+    if kind == "count":
+        return [f for _, f, _ in spec[2]]
+    if kind == "rel_def":
+        return [spec[1], spec[4]]
+    return [spec[2], spec[5]]
+
+
+def negative_specs(objs: list[Obj], d: Draw, captions: list[tuple], margin: int,
+                   held_out_ok: bool = False) -> list[tuple[tuple, str]]:
     """One false spec per negative kind that this scene allows, in NEGATIVE_KINDS order.
 
     Sources are the image's own captions plus fresh listings and colour-naming relations; an edit
-    is kept only if the edited caption is False for the scene (not merely unprovable).
+    is kept only if the edited caption is False for the scene (not merely unprovable) and, unless
+    held_out_ok (the `comp` split), names no held-out colour-shape pair.
     """
     pairs = _clear_pairs(objs, margin)
     sources = list(captions) + [_listing(objs, d), ("listing", "", tuple((o[0], o[1], o[2]) for o in objs))]
@@ -276,7 +293,8 @@ def negative_specs(objs: list[Obj], d: Draw, captions: list[tuple], margin: int)
     out = []
     for kind in NEGATIVE_KINDS:
         for source in d.shuffled(sources):
-            edits = [e for e in _EDITS[kind](source, d) if truth(claims(e), objs, margin) is False]
+            edits = [e for e in _EDITS[kind](source, d) if truth(claims(e), objs, margin) is False
+                     and (held_out_ok or not any(map(names_held_out, spec_features(e))))]
             if edits:
                 out.append((d.choice(edits), kind))
                 break

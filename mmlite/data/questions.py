@@ -4,14 +4,15 @@ Every image gets one question of each type in QUESTION_TYPES; when a scene canno
 shape question (no object can be named without giving the answer away), an existence question takes
 its place. Yes/no answers are balanced per type: each question aims at the answer its type has
 given less often so far in the current chunk of scenes, and falls back to the other one if the
-scene cannot support it.
+scene cannot support it. Outside the `comp` split, an existence question never asks about a held-out
+colour-shape pair (its answer would always be "no").
 """
 
 from __future__ import annotations
 
 from mmlite.data.grammar import Draw, indefinite, phrase, unique_refs
 from mmlite.data.semantics import NOUNS, RELATION_PHRASES, Obj, claim_truth, count, relation
-from mmlite.data.world import COLORS, NUMBERS, SHAPES, SIZES
+from mmlite.data.world import COLORS, NUMBERS, SHAPES, SIZES, names_held_out
 
 QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "size", "count", "exist", "relation")
 ANSWERS: tuple[str, ...] = ("no", "yes") + COLORS + SHAPES + SIZES + NUMBERS
@@ -58,14 +59,15 @@ def _count_question(objs: list[Obj], d: Draw) -> tuple[str, str, str]:
     return template.format(phrase(f, d.choice(NOUNS), plural=True)), NUMBERS[count(objs, f)], "count"
 
 
-def _exist_question(objs: list[Obj], d: Draw, balance: dict[str, int]) -> tuple[str, str, str]:
+def _exist_question(objs: list[Obj], d: Draw, balance: dict[str, int], held_out_ok: bool
+                    ) -> tuple[str, str, str]:
     form = d.choice(_EXIST_FORMS)
     f = None
     if not _target_yes(balance, "exist", d):
         for _ in range(30):  # random attribute values until nothing in the scene matches
             cand = (d.below(len(SHAPES)) if form[0] else None, d.below(len(COLORS)) if form[1] else None,
                     d.below(len(SIZES)) if form[2] else None)
-            if count(objs, cand) == 0:
+            if count(objs, cand) == 0 and (held_out_ok or not names_held_out(cand)):
                 f = cand
                 break
     if f is None:
@@ -115,16 +117,20 @@ def _relation_question(objs: list[Obj], d: Draw, margin: int, balance: dict[str,
     return f"is there a shape above the {phrase(d.choice(unique_refs(objs, j, _SHAPED)))} ?", "no", "relation"
 
 
-def questions_for(objs: list[Obj], d: Draw, margin: int, balance: dict[str, int]) -> list[tuple[str, str, str]]:
-    """One (question, answer, type) per QUESTION_TYPES entry for a scene; `balance` is updated in place."""
+def questions_for(objs: list[Obj], d: Draw, margin: int, balance: dict[str, int], held_out_ok: bool = False
+                  ) -> list[tuple[str, str, str]]:
+    """One (question, answer, type) per QUESTION_TYPES entry for a scene; `balance` is updated in place.
+
+    held_out_ok: may a question name a held-out colour-shape pair the scene lacks (True in `comp` only)?
+    """
     out = []
     for qtype in QUESTION_TYPES:
         if qtype in ("color", "shape", "size"):
-            q = _attribute_question(objs, d, qtype) or _exist_question(objs, d, balance)
+            q = _attribute_question(objs, d, qtype) or _exist_question(objs, d, balance, held_out_ok)
         elif qtype == "count":
             q = _count_question(objs, d)
         elif qtype == "exist":
-            q = _exist_question(objs, d, balance)
+            q = _exist_question(objs, d, balance, held_out_ok)
         else:
             q = _relation_question(objs, d, margin, balance)
         out.append(_record(balance, q))

@@ -71,15 +71,16 @@ def _make_chunk(job: tuple[DataConfig, int, int, int, int]) -> tuple:
     """Scenes, images and text of one chunk: job = (config, seed, split index, chunk index, size)."""
     config, seed, split_index, chunk_index, n = job
     scene_rng, text_rng = _chunk_seeds(seed, split_index, chunk_index)
-    objects, images = make_scenes(n, config, scene_rng, comp=SPLITS[split_index] == "comp")
+    comp = SPLITS[split_index] == "comp"
+    objects, images = make_scenes(n, config, scene_rng, comp=comp)
     d, balance = Draw(text_rng), {}
     captions, questions, negatives = [], [], []
     for row in objects:
         objs = scene_list(row)
         specs = caption_specs(objs, d, config.n_captions, config.relation_margin)
         captions.append([render(s) for s in specs])
-        questions.append(questions_for(objs, d, config.relation_margin, balance))
-        negs = negative_specs(objs, d, specs, config.relation_margin)
+        questions.append(questions_for(objs, d, config.relation_margin, balance, held_out_ok=comp))
+        negs = negative_specs(objs, d, specs, config.relation_margin, held_out_ok=comp)
         negatives.append([(render(s), kind) for s, kind in negs])
     return objects, images, captions, questions, negatives
 

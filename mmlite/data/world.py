@@ -46,6 +46,11 @@ def is_held_out(shape: np.ndarray, color: np.ndarray) -> np.ndarray:
     return np.isin(code, [s * len(COLORS) + c for s, c in _HELD_OUT_IDS])
 
 
+def names_held_out(f: tuple) -> bool:
+    """Does the phrase of feature tuple f = (shape, colour, size), None where unnamed, name a held-out pair?"""
+    return f[0] is not None and f[1] is not None and (f[0], f[1]) in _HELD_OUT_IDS
+
+
 def sample_attributes(n: int, config: DataConfig, rng: np.random.Generator, comp: bool = False) -> np.ndarray:
     """Objects of n scenes without positions: counts, shapes, colours and sizes; x, y left at -1.
 
