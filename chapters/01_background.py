@@ -208,10 +208,10 @@ assert prior_acc <= image_bound < text_only <= text_bound < both == 1.0
 
 # %% [markdown]
 # Read the table from the bottom. With both modalities the answer is fully determined: the parameter-free
-# reader scores 1.000. With the question alone, the majority rule learned from train scores 0.40, and even
-# with the test answers in hand no text-only rule passes 0.59 (that bound is loose: most test questions occur
+# reader scores 1.000. With the question alone, the majority rule learned from train scores 0.39, and even
+# with the test answers in hand no text-only rule passes 0.58 (that bound is loose: most test questions occur
 # only once, and a single occurrence is "predicted" perfectly by peeking). With the image alone, **no**
-# predictor at all can pass 0.25, because one image's six questions have mostly different answers.
+# predictor at all can pass 0.255, because one image's six questions have mostly different answers.
 #
 # The text-only rule is far above the prior because a question narrows the answer set ("what color"
 # admits six answers, "is there" two) and exploits skews: most count questions are answered "one", as in
@@ -499,7 +499,7 @@ mean_len = sum(k * v for k, v in lengths.items()) / sum(lengths.values())
 print(f"captions: {sum(lengths.values())}, {min(lengths)} to {max(lengths)} words, mean {mean_len:.2f}")
 
 # %% [markdown]
-# Answers per question type. Yes/no answers are balanced by construction (exactly half "yes" in every split),
+# Answers per question type. Yes/no answers are balanced by construction (0.499 to 0.500 "yes" in every split),
 # colours and shapes are near uniform, but counts lean towards "one" — the skew the text-only predictor of
 # 1.1 exploited.
 
@@ -651,8 +651,8 @@ assert (batch["caption_ids"][~batch["caption_mask"]] == tok.pad_id).all()
 # ## Summary
 #
 # - A modality is a kind of signal with its own structure. On the shapes world's test questions, the best
-#   image-only predictor cannot exceed 0.251 accuracy and the best text-only rule learned from train reaches
-#   0.403, while reading the question *and* the scene gives 1.000: combining modalities is not a refinement
+#   image-only predictor cannot exceed 0.255 accuracy and the best text-only rule learned from train reaches
+#   0.387, while reading the question *and* the scene gives 1.000: combining modalities is not a refinement
 #   but a necessity. Caption/negative pairs with identical words show the same for matching.
 # - The book writes every model as $y = f(x_1, x_2; \theta)$ with an image $x_1$, a text $x_2$ and learned
 #   parameters $\theta$; chapter 4 adds $\theta^* = \arg\min_\theta L$.

@@ -532,13 +532,16 @@ with torch.no_grad():
         for text, kind, p in zip(texts, kinds, probs.tolist()):
             print(f"   P(match) = {p:.2f}  {kind:15s} {text}")
         p_true_vs_swap.append((probs[0].item(), probs[kinds.index("swap_attribute")].item()))
-assert all(abs(a - b) < 0.05 for a, b in p_true_vs_swap), p_true_vs_swap  # what the next paragraph says
+assert all(a > b for a, b in p_true_vs_swap), p_true_vs_swap  # what the next paragraph says
+assert abs(p_true_vs_swap[0][0] - p_true_vs_swap[0][1]) < 0.05, p_true_vs_swap
 
 # %% [markdown]
-# Compare each true caption with its swapped-attribute twin ("a small red diamond and a large yellow diamond" against
-# "a small yellow diamond and a large red diamond"): the model gives the two nearly the same probability. It has
-# learnt which words fit the image far better than which attribute belongs to which object, a weakness that comes
-# back in 3.3.
+# Compare each true caption with its swapped-attribute twin. For the first image ("a small red diamond and a large
+# yellow diamond" against "a small yellow diamond and a large red diamond") the model gives the two nearly the same
+# probability; for the other two it prefers the true caption, but the twin, false and made of the same words, still
+# gets a probability near 0.4. The model has learnt which words fit the image better than which attribute belongs to
+# which object. Three images are anecdotes; the binding scores below count every hard negative of the test split,
+# and the weakness comes back in 3.3.
 
 # %% [markdown]
 # `evaluate_matching` scores every test image against its first caption (true), another image's caption that is
@@ -593,7 +596,9 @@ print(f"\nstandard error of a rate measured on n = {n_test} images: at most sqrt
 across = max(results[f]["accuracy"] for f in FUSIONS) - min(results[f]["accuracy"] for f in FUSIONS)
 between_seeds = abs(results["cross_attention"]["accuracy"] - results["cross_attention, seed 1"]["accuracy"])
 print(f"accuracy: spread across the four fusions {across:.3f}; two seeds of cross-attention differ by {between_seeds:.3f}")
-assert between_seeds > across  # what the paragraph below the figure says
+others = [results[f]["accuracy"] for f in FUSIONS if f != "cross_attention"]
+assert between_seeds > 0.75 * across  # what the paragraph below the figure says
+assert min(others) < results["cross_attention, seed 1"]["accuracy"] < max(others)
 for name in RUNS:  # every model must have learnt something: clearly above chance (0.5) on both measures
     assert results[name]["accuracy"] > 0.65 and results[name]["binding"] > 0.65, (name, results[name])
 
@@ -620,8 +625,9 @@ plt.show()
 # What the table says, and what it does not. Every run learns: accuracy and binding are well above 0.5. The
 # parameter counts differ by what the fusion module holds, cross-attention being the largest and (see the timing
 # table, not compared because it depends on the machine) the slowest per step. But the last line under the table is
-# the important one: **two seeds of the same cross-attention model differ by more than the four fusions differ from
-# each other.** With seed 0 cross-attention looks like the worst fusion, with seed 1 like the best. Each rate also
+# the important one: **two seeds of the same cross-attention model differ by about as much as the four fusions differ
+# from each other.** With seed 0 cross-attention looks like the best fusion by a clear margin; with seed 1 it falls
+# in among the three others. Each rate also
 # carries a standard error of about 0.02 from the finite test set, and even the thread count matters: with
 # `threads=1` in the first cell (same data and seeds, only the order of floating-point sums changes) the seed-0
 # cross-attention model's accuracy moved by about 0.1 in our runs. So at this budget, a few hundred steps on 2000
@@ -861,8 +867,8 @@ assert truth[1][0] is False and caption_truth(swapped, test.objects[top.indices[
 #   state held at padding, equal to `torch.nn.GRU` on packed sequences); concatenation and gated fusion; the ITM
 #   loss and an AdamW loop that matches `train_matching` step for step.
 # - Trained for the same few hundred steps, all four fusion strategies beat chance clearly, but two seeds of one
-#   fusion differ by more than the four fusions do: at this budget the fusions cannot be ranked, and we showed the
-#   noise rather than hide it.
+#   fusion differ by about as much as the four fusions do: at this budget the fusions cannot be ranked, and we
+#   showed the noise rather than hide it.
 # - Attention's cost grows with $T_q T_k$: single-stream attention is quadratic in the number of image tokens,
 #   co-attention linear in it (times the text length); counts are exact and checked against PyTorch's FLOP counter.
 # - Image and text embeddings live in separate regions of the shared space (the modality gap): total at random
