@@ -30,7 +30,6 @@ from collections import Counter, defaultdict
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 import mmlite.plot
 from mmlite.data import (ANSWERS, COLOR_RGB, COLORS, HELD_OUT_PAIRS, NEGATIVE_KINDS, NUMBERS, PRESETS,
@@ -320,18 +319,6 @@ plt.show()
 # that implements it in miniature.
 
 # %%
-def box(ax, xy: tuple[float, float], text: str, color: str, w: float = 2.2, h: float = 0.7) -> None:
-    """A rounded box with centred text, centre at xy."""
-    ax.add_patch(FancyBboxPatch((xy[0] - w / 2, xy[1] - h / 2), w, h, boxstyle="round,pad=0.05",
-                                fc=color, ec="0.3", lw=0.8))
-    ax.text(*xy, text, ha="center", va="center", fontsize=7)
-
-
-def arrow(ax, a: tuple[float, float], b: tuple[float, float]) -> None:
-    """An arrow from point a to point b."""
-    ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=8, lw=0.8, color="0.3"))
-
-
 fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
 families = {
     "dual encoder (CLIP, ALIGN)": [("image encoder\nencoders.CNNEncoder", (1.3, 1)),
@@ -348,11 +335,11 @@ families = {
 colors = ["#cfe3f7", "#f7e0c4", "#d9ecd0", "#eeeeee"]
 for ax, (title, boxes) in zip(axes, families.items()):
     for (text, xy), c in zip(boxes, colors):
-        box(ax, xy, text, c)
+        mmlite.plot.box(ax, xy, text, w=2.2, color=c)
     (_, p1), (_, p2), (_, p3), (_, p4) = boxes
-    arrow(ax, (p1[0], p1[1] + 0.38), (p3[0] - 0.5, p3[1] - 0.38))
-    arrow(ax, (p2[0], p2[1] + 0.38), (p3[0] + 0.5, p3[1] - 0.38))
-    arrow(ax, (p3[0], p3[1] + 0.38), (p4[0], p4[1] - 0.38))
+    mmlite.plot.arrow(ax, (p1[0], p1[1] + 0.38), (p3[0] - 0.5, p3[1] - 0.38))
+    mmlite.plot.arrow(ax, (p2[0], p2[1] + 0.38), (p3[0] + 0.5, p3[1] - 0.38))
+    mmlite.plot.arrow(ax, (p3[0], p3[1] + 0.38), (p4[0], p4[1] - 0.38))
     ax.set_xlim(0, 5), ax.set_ylim(0.4, 4.4), ax.axis("off")
     ax.set_title(title, fontsize=9)
 fig.tight_layout()

@@ -37,7 +37,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.patches import FancyBboxPatch
 
 import mmlite.plot
 from mmlite.data import (COLOR_RGB, COLORS, NEGATIVE_KINDS, SHAPES, build_tokenizer, caption_truth, load,
@@ -72,15 +71,14 @@ fig, ax = plt.subplots(figsize=(12, 2.6))
 box_w, box_h, gap = 1.7, 1.9, 0.35
 for i, (title, what, module, where) in enumerate(stages):
     x = i * (box_w + gap)
-    ax.add_patch(FancyBboxPatch((x, 0), box_w, box_h, boxstyle="round,pad=0.02,rounding_size=0.12",
-                                fc="#e8f0fb" if i % 2 == 0 else "#eef7ea", ec="#34495e", lw=1.2))
+    mmlite.plot.box(ax, (x + box_w / 2, box_h / 2), w=box_w, h=box_h, color="#e8f0fb" if i % 2 == 0 else "#eef7ea",
+                    edgecolor="#34495e", lw=1.2)
     ax.text(x + box_w / 2, box_h - 0.28, title, ha="center", va="center", fontsize=9.5, weight="bold")
     ax.text(x + box_w / 2, box_h / 2 + 0.05, what, ha="center", va="center", fontsize=7.5)
     ax.text(x + box_w / 2, 0.32, module, ha="center", va="center", fontsize=7, family="monospace", color="#1f4e79")
     ax.text(x + box_w - 0.08, 0.08, where, ha="right", va="bottom", fontsize=6.5, color="#777777")
     if i:
-        ax.annotate("", xy=(x, box_h / 2), xytext=(x - gap, box_h / 2),
-                    arrowprops=dict(arrowstyle="-|>", lw=1.4, color="#34495e"))
+        mmlite.plot.arrow(ax, (x - gap, box_h / 2), (x, box_h / 2), color="#34495e", lw=1.4)
 ax.set_xlim(-0.1, len(stages) * (box_w + gap) - gap + 0.1)
 ax.set_ylim(-0.1, box_h + 0.1)
 ax.axis("off")

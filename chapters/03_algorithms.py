@@ -24,7 +24,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.patches import FancyBboxPatch
 from torch import nn
 
 import mmlite.utils
@@ -62,14 +61,12 @@ def draw_pipeline(ax: plt.Axes) -> None:
     }
     w, h = 1.9, 1.15
     for x, y, text in boxes.values():
-        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.04", fc="#e8eef7", ec="k"))
-        ax.text(x, y, text, ha="center", va="center", fontsize=7.5)
+        plot.box(ax, (x, y), text, w=w, h=h, edgecolor="k", fontsize=7.5)
     for a, b in [("pixels", "img_enc"), ("tokens", "txt_enc"), ("img_enc", "align"), ("txt_enc", "align"),
                  ("img_enc", "fusion"), ("txt_enc", "fusion"), ("align", "objectives"), ("fusion", "objectives"),
                  ("objectives", "adapt")]:
         (xa, ya, _), (xb, yb, _) = boxes[a], boxes[b]
-        ax.annotate("", xy=(xb - w / 2 - 0.05, yb), xytext=(xa + w / 2 + 0.05, ya),
-                    arrowprops=dict(arrowstyle="->", lw=1.2))
+        plot.arrow(ax, (xa + w / 2 + 0.05, ya), (xb - w / 2 - 0.05, yb), color="k", lw=1.2)
     ax.set_xlim(-1.1, 11.0)
     ax.set_ylim(-1.5, 1.5)
     ax.axis("off")

@@ -1,4 +1,5 @@
-"""Figure helpers the chapters share: image grids, attention overlays, heatmaps and curves."""
+"""Figure helpers the chapters share: image grids, attention overlays, heatmaps, curves, and the boxes and arrows
+of the chapters' diagrams."""
 
 from __future__ import annotations
 
@@ -95,3 +96,26 @@ def curves(ax, series: dict[str, Sequence[float]], xlabel: str = "step", ylabel:
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
+
+
+def box(ax, center: tuple[float, float], text: str = "", w: float = 2.0, h: float = 0.7, color: str = "#e8eef7",
+        edgecolor: str = "0.3", lw: float = 0.8, fontsize: float = 7):
+    """A rounded box of width w and height h (data units) centred at `center`, with centred text; returns the patch."""
+    from matplotlib.patches import FancyBboxPatch
+
+    if not (w > 0 and h > 0):
+        raise ValueError(f"a box needs a positive width and height, got w={w}, h={h}")
+    patch = ax.add_patch(FancyBboxPatch((center[0] - w / 2, center[1] - h / 2), w, h, boxstyle="round,pad=0.05",
+                                        fc=color, ec=edgecolor, lw=lw))
+    if text:
+        ax.text(*center, text, ha="center", va="center", fontsize=fontsize)
+    return patch
+
+
+def arrow(ax, start: tuple[float, float], end: tuple[float, float], color: str = "0.3", lw: float = 0.8):
+    """An arrow from `start` to `end` (data units); returns the patch."""
+    from matplotlib.patches import FancyArrowPatch
+
+    if tuple(start) == tuple(end):
+        raise ValueError(f"an arrow needs two different points, got {start} twice")
+    return ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=8, lw=lw, color=color))
