@@ -15,7 +15,7 @@
 # the level of "the gradient of $\mathbf{w}^\top\mathbf{x}$ is $\mathbf{x}$"; a little probability
 # (expectation, variance, independence).
 #
-# **Run time:** about 3.5 min on 2 CPU cores (most of it training three matching models in 4.3).
+# **Run time:** about 3 min on 2 CPU cores (most of it training three matching models in 4.3).
 
 # %%
 import dataclasses
