@@ -896,6 +896,16 @@ print(f"concat: {STEPS} steps in {trained['concat'][1].seconds:.0f} s")
 
 # %%
 names = {"cross_attention": "cross-attn", "concat": "concat"}
+fig, ax = plt.subplots(figsize=(6, 3))
+for f in trained:  # moving average over 50 steps, plotted at the window's last step
+    ax.plot(np.arange(50, STEPS + 1), np.convolve(trained[f][1].losses, np.ones(50) / 50, mode="valid"),
+            label=names[f])
+ax.set(xlabel="step", ylabel="matching loss", title="training loss (moving average of 50 steps)")
+ax.legend(fontsize=7)
+plt.tight_layout()
+plt.show()
+
+# %%
 results = {(f, s): evaluate_matching(trained[f][0], world[s], tokenizer) for f in trained for s in ("test", "comp")}
 rows = [("match accuracy (balanced)", "accuracy"), ("  true pairs accepted", "positive"),
         ("  easy negatives rejected", "easy"), ("hard negatives rejected", "hard"),
@@ -1027,16 +1037,6 @@ assert leaky_comp["accuracy"] < results[("cross_attention", "comp")]["accuracy"]
 # the guarantee that nothing in training, negatives included, speaks about the held-out combinations. Real
 # benchmarks have the same weakness: SugarCrepe (Hsieh et al., 2023) showed that the hard negatives of earlier
 # compositionality benchmarks could often be told from the true captions by their text alone, without the image.
-
-# %%
-fig, ax = plt.subplots(figsize=(6, 3))
-for f in trained:  # moving average over 50 steps, plotted at the window's last step
-    ax.plot(np.arange(50, STEPS + 1), np.convolve(trained[f][1].losses, np.ones(50) / 50, mode="valid"),
-            label=names[f])
-ax.set(xlabel="step", ylabel="matching loss", title="training loss (moving average of 50 steps)")
-ax.legend(fontsize=7)
-plt.tight_layout()
-plt.show()
 
 # %% [markdown]
 # ### What the words look at
