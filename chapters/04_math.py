@@ -38,7 +38,7 @@ from mmlite.data import (COLOR_RGB, COLORS, FIELDS, HELD_OUT_PAIRS, MAX_OBJECTS,
                          build_tokenizer, load)
 from mmlite.data.grammar import Draw, caption_specs, negative_specs, render
 from mmlite.data.semantics import scene_list
-from mmlite.models import MatchingConfig, MatchingModel, evaluate_matching, train_matching
+from mmlite.models import MatchingConfig, MatchingModel, evaluate_matching, score_pairs, train_matching
 from mmlite.numpy_attention import cross_attention_backward, cross_attention_forward, finite_difference, softmax
 from mmlite.objectives import contrastive_loss, cross_entropy
 from mmlite.train import FitConfig
@@ -798,7 +798,7 @@ plt.show()
 batch_texts = [world["test"].captions[k][1] for k in range(3)]  # 3 test images, one caption each
 print(batch_texts)
 ids, mask = tokenizer.encode_batch(batch_texts, add_bos_eos=True, strict=True)  # [BOS] words [EOS] [PAD]...
-images = torch.from_numpy(world["test"].images[:3]).permute(0, 3, 1, 2).float() / 255  # (3, 3, 32, 32)
+images = world["test"].image_tensor([0, 1, 2])  # (3, 3, 32, 32) float in [0, 1]
 model.eval()
 with torch.no_grad():
     steps = [("images", images), ("caption ids", ids)]
@@ -956,17 +956,12 @@ print(f"training texts naming a held-out pair: captions {sum(map(names_pair, sum
 comp = world["comp"]
 texts_c = [c for caps in comp.captions for c in caps]  # every true caption of every comp image
 owner_c = np.repeat(np.arange(len(comp)), [len(caps) for caps in comp.captions])
-ids_c, mask_c = tokenizer.encode_batch(texts_c, add_bos_eos=True, strict=True)
-imgs_c = torch.from_numpy(comp.images[owner_c]).permute(0, 3, 1, 2).float() / 255  # (2500, 3, 32, 32)
 has_pair = np.array([names_pair(t) for t in texts_c])
 
 
 def comp_acceptance(net: MatchingModel) -> tuple[float, float]:
     """Share of the true comp captions accepted (P(match) > 0.5): (those naming a held-out pair, the others)."""
-    net.eval()
-    with torch.no_grad():
-        p_match = torch.cat([net.match_probability(imgs_c[k:k + 500], ids_c[k:k + 500], mask_c[k:k + 500])
-                             for k in range(0, len(texts_c), 500)]).numpy()
+    p_match = score_pairs(net, comp, owner_c, texts_c, tokenizer, batch_size=500).numpy()
     return float((p_match[has_pair] > 0.5).mean()), float((p_match[~has_pair] > 0.5).mean())
 
 
@@ -1055,7 +1050,7 @@ grid = trained["cross_attention"][0].image_encoder.grid_size(cfg.image_size)  # 
 def text_to_image_weights(net: MatchingModel, indices) -> tuple[torch.Tensor, torch.Tensor]:
     """First captions of test images `indices`: ids (B, T) and the text->image weights per head (B, heads, T, 16)."""
     ids, mask = tokenizer.encode_batch([test.captions[k][0] for k in indices], add_bos_eos=True, strict=True)
-    imgs = torch.from_numpy(test.images[indices]).permute(0, 3, 1, 2).float() / 255  # (B, 3, 32, 32)
+    imgs = test.image_tensor(indices)  # (B, 3, 32, 32)
     net.eval()
     with torch.no_grad():
         _, weights = net(imgs, ids, mask, return_weights=True)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mmlite.data import NEGATIVE_KINDS, DataConfig, build_tokenizer, caption_truth, generate, make_loader
-from mmlite.models import MatchingConfig, MatchingModel, evaluate_matching, matching_pairs, train_matching
+from mmlite.models import (MatchingConfig, MatchingModel, evaluate_matching, matching_pairs, score_pairs,
+                           train_matching)
 from mmlite.train import FitConfig, fit, warmup_cosine
 
 
@@ -73,6 +74,28 @@ def test_fit_lowers_the_loss_and_evaluation_reports_every_kind(world, tok):
     assert report["n_images"] == 16
     for key in ["accuracy", "positive", "easy", "hard"] + [f"binding/{k}" for k in NEGATIVE_KINDS]:
         assert 0.0 <= report[key] <= 1.0, key
+
+
+def test_score_pairs_equals_one_call_per_pair_in_any_batch_size(world, tok):
+    torch.manual_seed(0)
+    model = MatchingModel(MatchingConfig(vocab_size=len(tok), d_model=16, cnn_width=8, n_heads=2, hidden=16)).train()
+    split = world["test"]
+    owners = [3, 0, 3, 7, 15]
+    texts = [split.captions[3][0], split.captions[1][2], split.negatives[3][0][0], "a red circle", "a star"]
+    with torch.no_grad():
+        model.eval()
+        one_by_one = torch.cat([model.match_probability(split.image_tensor([i]), *tok.encode_batch([t], add_bos_eos=True))
+                                for i, t in zip(owners, texts)])
+        model.train()
+    for batch_size in (1, 2, 5, 256):
+        scores = score_pairs(model, split, owners, texts, tok, batch_size=batch_size)
+        torch.testing.assert_close(scores, one_by_one, rtol=1e-5, atol=1e-6)  # float32, other paddings
+    assert model.training and not scores.requires_grad  # mode restored, nothing kept for backward
+    assert score_pairs(model, split, [], [], tok).shape == (0,)
+    with pytest.raises(ValueError, match="2 image indices but 1 texts"):
+        score_pairs(model, split, [0, 1], ["a star"], tok)
+    with pytest.raises(ValueError, match="batch_size"):
+        score_pairs(model, split, [0], ["a star"], tok, batch_size=0)
 
 
 def test_schedule_warms_up_then_decays():

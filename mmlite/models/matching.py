@@ -9,7 +9,7 @@ classified as match / no match. `fusion` swaps the middle step for any strategy 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -162,6 +162,26 @@ def matching_pairs(batch: dict[str, Tensor], tokenizer: Tokenizer, generator: to
 
 
 @torch.no_grad()
+def score_pairs(model: MatchingModel, split: "Split", owners: Sequence[int], texts: Sequence[str], tokenizer: Tokenizer,
+                batch_size: int = 256, device: torch.device | str = "cpu") -> Tensor:
+    """P(match) of each (image owners[k] of `split`, texts[k]) pair, in batches, without gradients: (len(texts),)."""
+    if len(owners) != len(texts):
+        raise ValueError(f"got {len(owners)} image indices but {len(texts)} texts")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    probs = [torch.zeros(0)]
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            rows = list(owners[start:start + batch_size])
+            ids, mask = tokenizer.encode_batch(list(texts[start:start + batch_size]), add_bos_eos=True, strict=True)
+            images = split.image_tensor(rows).to(device)  # (b, 3, H, W)
+            probs.append(model.match_probability(images, ids.to(device), mask.to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(probs)
+
+
 def evaluate_matching(model: MatchingModel, split: "Split", tokenizer: Tokenizer, batch_size: int = 256,
                       device: torch.device | str = "cpu") -> dict[str, float]:
     """Match accuracy of `model` on a split, in the ways that tell different failures apart.
@@ -188,13 +208,7 @@ def evaluate_matching(model: MatchingModel, split: "Split", tokenizer: Tokenizer
             texts.append(easy); owners.append(i); groups.append("easy")
         for caption, kind in split.negatives[i]:
             texts.append(caption); owners.append(i); groups.append(kind)
-    probs = []
-    for start in range(0, len(texts), batch_size):
-        rows = owners[start:start + batch_size]
-        ids, mask = tokenizer.encode_batch(texts[start:start + batch_size], add_bos_eos=True, strict=True)
-        images = split.image_tensor(rows).to(device)  # (b, 3, H, W)
-        probs.append(model.match_probability(images, ids.to(device), mask.to(device)).cpu())
-    p = torch.cat(probs)
+    p = score_pairs(model, split, owners, texts, tokenizer, batch_size, device)
     owners_t = torch.tensor(owners)
     is_group = {g: torch.tensor([x == g for x in groups]) for g in ["positive", "easy", *NEGATIVE_KINDS]}
     result = {"positive": (p[is_group["positive"]] > 0.5).float().mean().item(),
