@@ -315,6 +315,24 @@ def test_every_negative_is_false_for_its_scene(world):
     assert min(kinds.values()) > 1000
 
 
+def test_each_negative_names_the_true_caption_it_was_edited_from(world):
+    n = Counter()
+    for split in world.values():
+        assert len(split.negative_sources) == len(split)
+        for i, (negs, sources) in enumerate(zip(split.negatives, split.negative_sources)):
+            assert len(sources) == len(negs)
+            for (text, kind), source in zip(negs, sources):
+                assert caption_truth(source, split.objects[i], MARGIN) is True, (source, text)
+                diff = Counter(text.split()) - Counter(source.split())
+                if kind == "change_color":  # one colour word replaced (and "a" / "an" before it, if need be)
+                    diff -= Counter({"a": 1, "an": 1})
+                    assert sum(diff.values()) == 1 and next(iter(diff)) in COLORS, (source, text)
+                else:  # swaps keep the words, only their arrangement changes
+                    assert not diff and text != source, (source, text)
+                n[source in split.captions[i]] += 1
+    assert n[True] > 1000 and n[False] > 1000  # sources are both the image's captions and fresh true sentences
+
+
 def test_swapped_sentences_keep_their_words_and_turn_false():
     objs = scene(("circle", "red", "large", 20, 30), ("square", "blue", "small", 80, 70))
     for true, false in [("a large red circle and a small blue square", "a large blue circle and a small red square"),
@@ -378,6 +396,7 @@ def test_cache_is_read_back_identically(world, root):
         assert np.array_equal(again[name].objects, world[name].objects)
         assert again[name].captions == world[name].captions and again[name].questions == world[name].questions
         assert again[name].negatives == world[name].negatives
+        assert again[name].negative_sources == world[name].negative_sources
 
 
 def test_cache_from_other_generator_code_is_made_again(world, root):

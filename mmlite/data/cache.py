@@ -4,7 +4,8 @@ Layout of a world folder (e.g. data/cache/tiny-seed0/):
   meta.json                  format version, seed, config and the SHA-256 of every file below
   <split>/images.npy         (N, H, W, 3) uint8
   <split>/objects.npy        (N, MAX_OBJECTS, 6) int64
-  <split>/text.json          {"captions": [[...]], "questions": [[[q, a, type]]], "negatives": [[[c, kind]]]}
+  <split>/text.json          {"captions": [[...]], "questions": [[[q, a, type]]], "negatives": [[[c, kind]]],
+                             "negative_sources": [[source caption of each negative]]}
 np.save and sorted, compact JSON hold no timestamps, so the same seed writes the same bytes. A
 folder is written under a temporary name and renamed when complete, so it is never half-written.
 """
@@ -26,7 +27,7 @@ from mmlite.data.config import MAX_OBJECTS, PRESETS, DataConfig
 from mmlite.data.splits import SPLITS, Split, generate
 from mmlite.data.world import FIELDS
 
-FORMAT = 1  # bump when the folder layout changes
+FORMAT = 2  # bump when the folder layout changes
 _FILES = ("images.npy", "objects.npy", "text.json")
 # Modules whose code decides what a seed generates; a cache made by other code is made again.
 _GENERATOR_MODULES = ("config", "world", "render", "semantics", "grammar", "questions", "splits")
@@ -95,7 +96,8 @@ def save_world(world: dict[str, Split], config: DataConfig, seed: int, folder: s
             np.save(tmp / name / "images.npy", np.ascontiguousarray(split.images, dtype=np.uint8))
             np.save(tmp / name / "objects.npy", np.ascontiguousarray(split.objects, dtype=np.int64))
             text = {"captions": split.captions, "questions": [[list(q) for q in qs] for qs in split.questions],
-                    "negatives": [[list(n) for n in ns] for ns in split.negatives]}
+                    "negatives": [[list(n) for n in ns] for ns in split.negatives],
+                    "negative_sources": split.negative_sources}
             (tmp / name / "text.json").write_bytes(_dumps(text))
             files[name] = {f: _sha256(tmp / name / f) for f in _FILES}
         for fname, data in (extra or {}).items():
@@ -152,11 +154,11 @@ def read_world(folder: str | Path, config: DataConfig | None = None, seed: int |
         images, objects, text = arrays["images.npy"], arrays["objects.npy"], arrays["text.json"]
         size = saved_config.image_size
         if images.shape != (n, size, size, 3) or objects.shape != (n, MAX_OBJECTS, len(FIELDS)) \
-                or any(len(text[k]) != n for k in ("captions", "questions", "negatives")):
+                or any(len(text[k]) != n for k in ("captions", "questions", "negatives", "negative_sources")):
             raise ValueError(f"corrupt cache in {folder / name}: sizes disagree with {meta_path}")
         world[name] = Split(name, images, objects, text["captions"],
                             [[tuple(q) for q in qs] for qs in text["questions"]],
-                            [[tuple(g) for g in gs] for gs in text["negatives"]])
+                            [[tuple(g) for g in gs] for gs in text["negatives"]], text["negative_sources"])
     return world
 
 

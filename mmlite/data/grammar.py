@@ -279,8 +279,8 @@ def spec_features(spec: tuple) -> list[tuple]:
 
 
 def negative_specs(objs: list[Obj], d: Draw, captions: list[tuple], margin: int,
-                   held_out_ok: bool = False) -> list[tuple[tuple, str]]:
-    """One false spec per negative kind that this scene allows, in NEGATIVE_KINDS order.
+                   held_out_ok: bool = False) -> list[tuple[tuple, str, tuple]]:
+    """(false spec, kind, the true spec it was edited from), one per negative kind the scene allows, in NEGATIVE_KINDS order.
 
     Sources are the image's own captions plus fresh listings and colour-naming relations; an edit
     is kept only if the edited caption is False for the scene (not merely unprovable) and, unless
@@ -296,7 +296,7 @@ def negative_specs(objs: list[Obj], d: Draw, captions: list[tuple], margin: int,
             edits = [e for e in _EDITS[kind](source, d) if truth(claims(e), objs, margin) is False
                      and (held_out_ok or not any(map(names_held_out, spec_features(e))))]
             if edits:
-                out.append((d.choice(edits), kind))
+                out.append((d.choice(edits), kind, source))
                 break
     return out
 

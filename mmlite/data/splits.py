@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,6 +40,9 @@ class Split:
     captions: list[list[str]]  # n_captions per image; the first lists every object left to right
     questions: list[list[tuple[str, str, str]]]  # (question, answer, question type) per image
     negatives: list[list[tuple[str, str]]]  # (false caption, kind) per image, one per kind available
+    # per image, aligned with `negatives`: the true caption each negative was edited from (one of the image's
+    # captions or a fresh true listing / relation); compare a negative with this, never with an arbitrary caption
+    negative_sources: list[list[str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -74,15 +77,16 @@ def _make_chunk(job: tuple[DataConfig, int, int, int, int]) -> tuple:
     comp = SPLITS[split_index] == "comp"
     objects, images = make_scenes(n, config, scene_rng, comp=comp)
     d, balance = Draw(text_rng), {}
-    captions, questions, negatives = [], [], []
+    captions, questions, negatives, sources = [], [], [], []
     for row in objects:
         objs = scene_list(row)
         specs = caption_specs(objs, d, config.n_captions, config.relation_margin)
         captions.append([render(s) for s in specs])
         questions.append(questions_for(objs, d, config.relation_margin, balance, held_out_ok=comp))
         negs = negative_specs(objs, d, specs, config.relation_margin, held_out_ok=comp)
-        negatives.append([(render(s), kind) for s, kind in negs])
-    return objects, images, captions, questions, negatives
+        negatives.append([(render(s), kind) for s, kind, _ in negs])
+        sources.append([render(source) for _, _, source in negs])
+    return objects, images, captions, questions, negatives, sources
 
 
 def generate(config: DataConfig, seed: int, workers: int | None = None) -> dict[str, Split]:
@@ -117,5 +121,6 @@ def generate(config: DataConfig, seed: int, workers: int | None = None) -> dict[
             captions=[c for p in parts for c in p[2]],
             questions=[q for p in parts for q in p[3]],
             negatives=[g for p in parts for g in p[4]],
+            negative_sources=[g for p in parts for g in p[5]],
         )
     return world

@@ -191,8 +191,9 @@ def evaluate_matching(model: MatchingModel, split: "Split", tokenizer: Tokenizer
     Returns
       accuracy   - mean of the true-pair and easy-negative accuracies (balanced, threshold 0.5);
       positive, easy - those two accuracies;  hard - rejection rate of all hard negatives;
-      hard/<kind> - rejection rate per kind;  binding/<kind> - how often P(match) of the true caption beats
-      P(match) of the image's hard negative of that kind (threshold-free; 0.5 is chance);
+      hard/<kind> - rejection rate per kind;  binding/<kind> - how often P(match) of the true caption a hard
+      negative was edited from beats P(match) of that negative (same words or one colour apart, so only the
+      arrangement differs; threshold-free, 0.5 is chance);
       n_images.
     """
     from mmlite.data import NEGATIVE_KINDS, caption_truth
@@ -200,29 +201,30 @@ def evaluate_matching(model: MatchingModel, split: "Split", tokenizer: Tokenizer
     was_training = model.training
     model.eval()
     n = len(split)
+    if len(split.negative_sources) != n:
+        raise ValueError(f"split {split.name!r} has no negative_sources (a world cached by older code?)")
     texts, owners, groups = [], [], []  # one row per (image, text) pair to score
     for i in range(n):
         texts.append(split.captions[i][0]); owners.append(i); groups.append("positive")
         easy = split.captions[(i + 1) % n][0]
         if caption_truth(easy, split.objects[i]) is False:
             texts.append(easy); owners.append(i); groups.append("easy")
-        for caption, kind in split.negatives[i]:
+        for (caption, kind), source in zip(split.negatives[i], split.negative_sources[i]):
             texts.append(caption); owners.append(i); groups.append(kind)
+            texts.append(source); owners.append(i); groups.append("source")
     p = score_pairs(model, split, owners, texts, tokenizer, batch_size, device)
-    owners_t = torch.tensor(owners)
     is_group = {g: torch.tensor([x == g for x in groups]) for g in ["positive", "easy", *NEGATIVE_KINDS]}
     result = {"positive": (p[is_group["positive"]] > 0.5).float().mean().item(),
               "easy": (p[is_group["easy"]] <= 0.5).float().mean().item()}
     result["accuracy"] = (result["positive"] + result["easy"]) / 2
     hard = torch.zeros(len(p), dtype=torch.bool)
-    p_pos = torch.full((n,), float("nan"))
-    p_pos[owners_t[is_group["positive"]]] = p[is_group["positive"]]
     for kind in NEGATIVE_KINDS:
         sel = is_group[kind]
         if sel.any():
             hard |= sel
             result[f"hard/{kind}"] = (p[sel] <= 0.5).float().mean().item()
-            result[f"binding/{kind}"] = (p_pos[owners_t[sel]] > p[sel]).float().mean().item()
+            p_source = p[torch.nonzero(sel).flatten() + 1]  # each negative's source is scored right after it
+            result[f"binding/{kind}"] = (p_source > p[sel]).float().mean().item()
     result["hard"] = (p[hard] <= 0.5).float().mean().item()
     result["n_images"] = float(n)
     model.train(was_training)
