@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -81,8 +82,8 @@ def _merge_streams(outputs: list) -> list:
     return merged
 
 
-def build(py_path: Path, execute: bool = True, timeout: int = 1200) -> float:
-    """Write py_path's .ipynb twin from the .py source, executed in a fresh kernel; return seconds taken."""
+def build(py_path: Path, execute: bool = True, timeout: int = 1200, out: Path | None = None) -> float:
+    """Write py_path's .ipynb twin (or `out`) from the .py source, executed in a fresh kernel; return seconds taken."""
     import jupytext
     import nbformat
     from nbclient import NotebookClient
@@ -102,8 +103,54 @@ def build(py_path: Path, execute: bool = True, timeout: int = 1200) -> float:
                 cell.outputs, cell.execution_count = [], None
     _clean(nb)
     nbformat.validate(nb)
-    nbformat.write(nb, py_path.with_suffix(".ipynb"))
+    nbformat.write(nb, out or py_path.with_suffix(".ipynb"))
     return time.perf_counter() - start
+
+
+IGNORE_MARK = "# NBVAL_IGNORE_OUTPUT"
+_NUMBER = re.compile(r"(?<![\w.])-?\d+\.\d+(?:e-?\d+)?")
+
+
+def _text_outputs(cell) -> str:
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            parts.append(out["text"])
+        elif "text/plain" in out.get("data", {}):
+            parts.append(out["data"]["text/plain"])
+    return "".join(parts)
+
+
+def spread_table(notebooks: list[Path]) -> list[str]:
+    """Mean, sd and range over runs of every decimal number printed by the cells marked # NBVAL_IGNORE_OUTPUT.
+
+    The notebooks are runs of one chapter with different seed offsets; a number is matched across runs by
+    its cell and its position in that cell's text. A bound for an assert comes from these lines (the project
+    sets lower bounds near mean - 4 sd).
+    """
+    import nbformat
+    import numpy as np
+
+    books = [nbformat.read(p, as_version=4) for p in notebooks]
+    lines = []
+    for i, cell in enumerate(books[0].cells):
+        if cell.cell_type != "code" or IGNORE_MARK not in cell.source:
+            continue
+        texts = [_text_outputs(nb.cells[i]) for nb in books]
+        found = [[(m.start(), float(m.group())) for m in _NUMBER.finditer(t)] for t in texts]
+        if not found[0]:
+            continue
+        if len({len(f) for f in found}) != 1:
+            lines.append(f"cell {i}: runs print different numbers of values; compare them by hand")
+            continue
+        lines.append(f"cell {i}: {cell.source.splitlines()[1 if cell.source.startswith(IGNORE_MARK) else 0][:70]}")
+        for k, (pos, _) in enumerate(found[0]):
+            values = np.array([f[k][1] for f in found])
+            start = texts[0].rfind("\n", 0, pos) + 1
+            context = texts[0][start:pos].strip()[-40:]
+            lines.append(f"  {context:>40} | mean {values.mean():.4g}  sd {values.std(ddof=1) if len(values) > 1 else 0:.3g}"
+                         f"  min {values.min():.4g}  max {values.max():.4g}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,8 +167,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(sources) - bad} of {len(sources)} chapter pairs in sync")
         return 1 if bad else 0
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    if args.offsets:
+        return _run_offsets(sources, args)
     for py in sources:
         seconds = build(py, execute=not args.no_execute, timeout=args.timeout)
         print(f"{py.with_suffix('.ipynb').name}: {'executed' if not args.no_execute else 'synced'} "
               f"in {seconds:.1f} s", file=sys.stdout, flush=True)
+    return 0
+
+
+def _run_offsets(sources: list[Path], args: argparse.Namespace) -> int:
+    """Execute each chapter once per seed offset into args.out, then print the spread of its trained numbers."""
+    from mmlite.utils import SEED_OFFSET_VAR
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for py in sources:
+        runs = [py.with_suffix(".ipynb")]  # the stored run (offset 0)
+        for offset in args.offsets:
+            target = out / f"{py.stem}.offset{offset}.ipynb"
+            os.environ[SEED_OFFSET_VAR] = str(offset)
+            try:
+                seconds = build(py, timeout=args.timeout, out=target)
+            finally:
+                os.environ.pop(SEED_OFFSET_VAR, None)
+            print(f"{target}: executed with {SEED_OFFSET_VAR}={offset} in {seconds:.1f} s", flush=True)
+            runs.append(target)
+        print(f"\n{py.stem}: trained numbers over {len(runs)} runs (offset 0 = the stored notebook)")
+        print("\n".join(spread_table(runs)), flush=True)
     return 0

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="only check that each pair holds the same cells; exit 1 if not")
     p.add_argument("--timeout", type=_positive_int, default=1200, help="per-cell timeout in seconds")
+    p.add_argument("--offsets", type=_positive_int, nargs="+", default=None, metavar="K",
+                   help="instead: execute each chapter once per MMLITE_SEED_OFFSET=K into --out, and print the "
+                        "spread of the numbers its '# NBVAL_IGNORE_OUTPUT' cells print (for setting assert bounds)")
+    p.add_argument("--out", default="runs/spread", help="where --offsets writes its notebooks (default: runs/spread)")
     return parser
 
 

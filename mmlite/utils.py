@@ -9,6 +9,58 @@ import numpy as np
 import torch
 
 
+SEED_OFFSET_VAR = "MMLITE_SEED_OFFSET"
+
+
+def seed_offset() -> int:
+    """The shift $MMLITE_SEED_OFFSET adds to every training seed (0 when unset).
+
+    A trained number is a property of one seed on one machine, not of the book. Rerunning a chapter with
+    MMLITE_SEED_OFFSET=7 trains every model from other initial weights, batches and negatives while the data
+    world, derivations and shapes stay exactly the same; CI does so to check that the chapters' asserted bounds
+    hold for any seed, as they must on any reader's machine.
+    """
+    text = os.environ.get(SEED_OFFSET_VAR, "").strip()
+    if not text:
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{SEED_OFFSET_VAR} must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"{SEED_OFFSET_VAR} must be a non-negative integer, got {value}")
+    return value
+
+
+def run_seed(seed: int) -> int:
+    """A seed that shapes a training run (initial weights, batch order, sampled negatives), shifted by seed_offset().
+
+    Chapters pass every such seed through this; seeds of the data world and of derivation checks are not.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return seed + 1000 * seed_offset()
+
+
+def inline_figures() -> bool:
+    """Inside a Jupyter kernel, draw figures inline whatever $MPLBACKEND says; returns whether it did.
+
+    With MPLBACKEND=Agg (common on headless CI runners) a kernel otherwise has no inline backend and every
+    figure cell produces no output, so a stored figure no longer matches.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
+        return False
+    import matplotlib
+
+    matplotlib.use("module://matplotlib_inline.backend_inline")
+    return True
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (all devices) with one integer."""
     if not isinstance(seed, int) or seed < 0:
@@ -47,12 +99,13 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def setup(seed: int = 0, threads: int = 2) -> torch.device:
-    """What every chapter runs first: seed everything, fix the thread count, pick the device.
+    """What every chapter runs first: seed everything, fix the thread count, draw figures inline, pick the device.
 
-    Chapters run on the CPU so that their stored outputs are the same on every machine;
-    set MMLITE_DEVICE=cuda (or mps) to run them on an accelerator instead.
+    The global seed is run_seed(seed), so $MMLITE_SEED_OFFSET moves it. Chapters run on the CPU; set
+    MMLITE_DEVICE=cuda (or mps) to run them on an accelerator instead.
     """
-    seed_everything(seed)
+    seed_everything(run_seed(seed))
+    inline_figures()
     set_threads(threads)
     return get_device(os.environ.get("MMLITE_DEVICE", "cpu"))
 
