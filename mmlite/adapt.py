@@ -11,6 +11,13 @@ from mmlite.alignment import l2_normalize
 from mmlite.objectives import cross_entropy
 
 
+def _check_tensors(**tensors: object) -> None:
+    """Raise TypeError naming the first argument that is not a torch.Tensor."""
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 # --------------------------------------------------------------------------- freezing and groups
 def freeze(module: nn.Module) -> nn.Module:
     """Stop gradients for every parameter of `module`; returns it.
@@ -98,6 +105,7 @@ class LinearProbe(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """(N, d_in) -> (N, n_classes)."""
+        _check_tensors(features=features)
         if features.dim() != 2 or features.shape[1] != self.d_in:
             raise ValueError(f"features shape {tuple(features.shape)} should be (N, d_in={self.d_in})")
         return self.linear(features)
@@ -113,12 +121,17 @@ def fit_linear_probe(
     Returns the probe and the loss after every epoch. The features are detached, so whatever produced
     them gets no gradient.
     """
+    _check_tensors(features=features, labels=labels)
     if features.dim() != 2 or labels.shape != features.shape[:1]:
         raise ValueError(
             f"features must be (N, D) and labels (N,), got {tuple(features.shape)} and {tuple(labels.shape)}"
         )
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if features.shape[0] == 0:
+        raise ValueError(f"fit_linear_probe needs at least one example, got features of shape {tuple(features.shape)}")
+    if labels.dtype != torch.long:
+        raise TypeError(f"labels must be a long tensor of class indices, got dtype {labels.dtype}")
     features = features.detach()
     n_classes = n_classes if n_classes is not None else int(labels.max()) + 1
     probe = LinearProbe(features.shape[1], n_classes).to(features.device, features.dtype)
@@ -167,6 +180,7 @@ def zero_shot_weights(
 
 def zero_shot_classify(image_feats: Tensor, class_weights: Tensor, logit_scale: float | Tensor = 100.0) -> Tensor:
     """logits = scale * normalize(image_feats) normalize(class_weights)^T: (N, D), (C, D) -> (N, C)."""
+    _check_tensors(image_feats=image_feats, class_weights=class_weights)
     if image_feats.dim() != 2 or class_weights.dim() != 2 or image_feats.shape[1] != class_weights.shape[1]:
         raise ValueError(
             f"image_feats {tuple(image_feats.shape)} and class_weights {tuple(class_weights.shape)} "
@@ -193,6 +207,7 @@ class SoftPrompt(nn.Module):
 
     def forward(self, token_embeddings: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(C, T, D), (C, T) bool -> (C, n_ctx + T, D) and the matching mask (context positions True)."""
+        _check_tensors(token_embeddings=token_embeddings, **({} if mask is None else {"mask": mask}))
         if token_embeddings.dim() != 3 or token_embeddings.shape[2] != self.d_model:
             raise ValueError(
                 f"token_embeddings shape {tuple(token_embeddings.shape)} should be (C, T, d_model={self.d_model})"

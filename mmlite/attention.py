@@ -285,6 +285,9 @@ class CoAttention(nn.Module):
                  bias: bool = True, impl: str = "scratch") -> None:
         super().__init__()
         d_other = d_model if d_other is None else d_other
+        if n_heads <= 0 or d_model <= 0 or d_other <= 0:
+            raise ValueError(f"d_model, d_other and n_heads must be positive, got d_model={d_model}, "
+                             f"d_other={d_other}, n_heads={n_heads}")
         if d_other % n_heads != 0:
             raise ValueError(f"d_other={d_other} is not divisible by n_heads={n_heads}")
         self.d_model = d_model  # width of x1

@@ -25,6 +25,7 @@ from torch import nn
 
 from mmlite.attention import MultiHeadAttention
 from mmlite.blocks import EncoderBlock
+from mmlite.cli import check_output_path
 from mmlite.utils import get_device
 
 FUSED_TARGET = 1.10  # fused path / torch, at every size
@@ -158,7 +159,11 @@ def benchmark(quick: bool = False, device: str | torch.device = "cpu", sizes: li
               cases: tuple[str, ...] = CASES, warmup: int | None = None, repeats: int | None = None,
               min_time_s: float | None = None, seed: int = 0) -> dict[str, object]:
     """Time every case at every size; returns {"machine", "settings", "targets", "results", "skipped"}."""
-    dev = get_device(device)
+    try:
+        dev = get_device(device)
+    except RuntimeError:  # torch.device("tpu") and other unknown names
+        raise ValueError(f"device must be cpu, cuda or mps (optionally with an index, e.g. cuda:0), "
+                         f"got {device!r}") from None
     unknown = [c for c in cases if c not in _BUILDERS]
     if unknown:
         raise ValueError(f"unknown benchmark cases {unknown}; valid cases are {list(CASES)}")
@@ -223,14 +228,21 @@ def target_summary(report: dict[str, object]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `python -m mmlite bench`: time, print the table, write the JSON."""
-    report = benchmark(quick=args.quick, device=args.device)
+    out = check_output_path(args.out, "--out", folder=False)  # before timing anything
+    try:
+        dev = get_device(args.device)  # a ValueError here already names the device
+    except RuntimeError:  # torch.device("tpu") and other unknown names
+        raise ValueError(f"--device must be cpu, cuda or mps, got {args.device!r}") from None
+    report = benchmark(quick=args.quick, device=dev)
     m = report["machine"]
     print(f"torch {m['torch']} | device {m['device']} | threads {m['threads']} | cpus {m['cpu_count']}")
     print(format_table(report))
     for line in target_summary(report):
         print(line)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as err:
+        raise ValueError(f"--out {out}: could not write the figures: {err}") from None
     print(f"wrote {out}")
     return 0

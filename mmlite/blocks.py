@@ -75,6 +75,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., d_model) -> (..., d_model)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         return self.linear2(self.dropout(ACTIVATIONS[self.activation](self.linear1(x))))
 
 

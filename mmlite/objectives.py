@@ -13,6 +13,13 @@ from mmlite.alignment import l2_normalize
 IGNORE_INDEX = -100  # label of positions that no loss counts (F.cross_entropy's default ignore_index)
 
 
+def _check_tensors(**tensors: object) -> None:
+    """Raise TypeError naming the first argument that is not a torch.Tensor."""
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 # --------------------------------------------------------------------------- cross-entropy
 def cross_entropy(
     logits: Tensor,
@@ -29,6 +36,7 @@ def cross_entropy(
     Same value as F.cross_entropy (with the class axis moved to dim 1), except that when every
     position is ignored the mean is 0 (with a zero gradient) instead of NaN.
     """
+    _check_tensors(logits=logits, targets=targets)
     if logits.dim() < 1 or targets.shape != logits.shape[:-1]:
         raise ValueError(
             f"targets shape {tuple(targets.shape)} must equal logits shape without its class axis, "
@@ -102,6 +110,7 @@ def contrastive_loss(
     S = scale * normalize(I) normalize(T)^T, so row i of S scores image i against every text.
     image_feats, text_feats: (B, D), pair i matched. Returns the loss (and S: (B, B) if asked).
     """
+    _check_tensors(image_feats=image_feats, text_feats=text_feats)
     for name, f in (("image_feats", image_feats), ("text_feats", text_feats)):
         if f.dim() != 2:
             raise ValueError(f"{name} must be (B, D), got shape {tuple(f.shape)}")
@@ -130,6 +139,7 @@ def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None)
     column. sim: (B, B), sim[i, j] = score(image i, text j), B >= 2; no gradient flows through sampling;
     a generator must live on sim's device. Returns (neg_text_for_image (B,), neg_image_for_text (B,)) long.
     """
+    _check_tensors(sim=sim)
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"sim must be a square (B, B) matrix, got shape {tuple(sim.shape)}")
     if sim.shape[0] < 2:
@@ -159,14 +169,23 @@ def build_itm_batch(neg_text_for_image: Tensor, neg_image_for_text: Tensor) -> I
 
     Labels are [1]*B + [0]*2B. Explicit hard-negative captions (from the data world) enter by putting
     them after the batch's B captions in the text pool and passing
-    neg_text_for_image = explicit_negative_index(B) (i.e. B + i for image i).
+    neg_text_for_image = explicit_negative_index(B) (i.e. B + i for image i). Indices must be non-negative
+    integers (a negative one would silently wrap around to the end of the pool).
     """
+    _check_tensors(neg_text_for_image=neg_text_for_image, neg_image_for_text=neg_image_for_text)
+    for name, t in (("neg_text_for_image", neg_text_for_image), ("neg_image_for_text", neg_image_for_text)):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer (long) tensor of indices, got dtype {t.dtype}")
     if neg_text_for_image.dim() != 1 or neg_text_for_image.shape != neg_image_for_text.shape:
         raise ValueError(
             f"neg_text_for_image {tuple(neg_text_for_image.shape)} and neg_image_for_text "
             f"{tuple(neg_image_for_text.shape)} must both be (B,)"
         )
     b = neg_text_for_image.shape[0]
+    for name, t in (("neg_text_for_image", neg_text_for_image), ("neg_image_for_text", neg_image_for_text)):
+        if t.numel() and int(t.min()) < 0:
+            raise ValueError(f"{name} holds the negative index {int(t.min())}; indices must be >= 0 "
+                             "(-1 would silently pick the last item)")
     own = torch.arange(b, device=neg_text_for_image.device)
     if bool((neg_text_for_image == own).any()) or bool((neg_image_for_text == own).any()):
         raise ValueError("a negative index equals its own positive: negatives must differ from the pair's index")
@@ -183,6 +202,7 @@ def explicit_negative_index(batch_size: int, device: torch.device | str | None =
 
 def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Binary matching as 2-way cross-entropy: logits (N, 2), labels (N,) with 1 = match."""
+    _check_tensors(logits=logits, labels=labels)
     if logits.dim() != 2 or logits.shape[1] != 2:
         raise ValueError(f"logits must be (N, 2), got shape {tuple(logits.shape)}")
     return cross_entropy(logits, labels)
@@ -204,7 +224,9 @@ def mask_tokens(
     A row with candidates but no selection gets one candidate chosen uniformly, so its expected number
     of selections is n * prob + (1 - prob)^n for n candidates. Returns (input_ids, labels) with
     labels = original id where selected and -100 elsewhere. A generator must live on ids' device.
+    An empty batch or empty sequences (B = 0 or T = 0) select nothing and draw no random numbers.
     """
+    _check_tensors(ids=ids, mask=mask)
     if ids.dim() != 2 or ids.dtype != torch.long:
         raise ValueError(f"ids must be a (B, T) long tensor, got shape {tuple(ids.shape)} dtype {ids.dtype}")
     if mask.dtype != torch.bool or mask.shape != ids.shape:
@@ -224,6 +246,8 @@ def mask_tokens(
     allowed = (~torch.isin(torch.arange(vocab_size, device=dev), special)).nonzero().squeeze(1)  # (V',)
     if allowed.numel() == 0:
         raise ValueError("every id in the vocabulary is special: no random replacement word exists")
+    if ids.numel() == 0:  # nothing to select (e.g. encode_batch([""]) gives T = 0)
+        return ids.clone(), torch.full_like(ids, IGNORE_INDEX)
 
     def rand(*shape: int) -> Tensor:
         return torch.rand(*shape, generator=generator, device=dev)
@@ -246,6 +270,7 @@ def mask_tokens(
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over the selected positions: logits (B, T, V), labels (B, T) with -100 elsewhere."""
+    _check_tensors(logits=logits, labels=labels)
     if logits.dim() != 3:
         raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
     return cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
@@ -267,6 +292,7 @@ def shift_for_lm(ids: Tensor, mask: Tensor) -> LMBatch:
     The training step calls this; `caption_loss` takes the already shifted targets, and a decoder
     never shifts. ids, mask: (B, T) with T >= 2 (e.g. [BOS] w1 ... wn [EOS] [PAD]...).
     """
+    _check_tensors(ids=ids, mask=mask)
     if ids.dim() != 2 or mask.shape != ids.shape or mask.dtype != torch.bool:
         raise ValueError(
             f"ids must be (B, T) with a bool mask of the same shape, got {tuple(ids.shape)} and {tuple(mask.shape)}"
@@ -278,6 +304,7 @@ def shift_for_lm(ids: Tensor, mask: Tensor) -> LMBatch:
 
 def caption_loss(logits: Tensor, targets: Tensor, mask: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Mean next-token cross-entropy over real target tokens: logits (B, T, V), targets, mask (B, T)."""
+    _check_tensors(logits=logits, targets=targets, mask=mask)
     if logits.dim() != 3:
         raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
     if mask.dtype != torch.bool or mask.shape != targets.shape:

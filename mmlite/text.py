@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,7 +21,13 @@ class Tokenizer:
     """Maps words to ids and back: [PAD]=0, [CLS]=1, [SEP]=2, [MASK]=3, [UNK]=4, [BOS]=5, [EOS]=6, words."""
 
     def __init__(self, words: Iterable[str]) -> None:
-        words = list(words)
+        if isinstance(words, (str, bytes)):
+            raise TypeError(f"words must be an iterable of words (e.g. a list of str), got a single "
+                            f"{type(words).__name__} {words!r}")
+        try:
+            words = list(words)
+        except TypeError:
+            raise TypeError(f"words must be an iterable of str, got {type(words).__name__}") from None
         seen: set[str] = set()
         for w in words:
             if not isinstance(w, str):
@@ -44,7 +51,14 @@ class Tokenizer:
         return f"Tokenizer({len(self.vocab) - len(SPECIALS)} words + {len(SPECIALS)} specials)"
 
     def id_to_token(self, i: int) -> str:
-        """The token with id `i`."""
+        """The token with id `i` (an int, or a 0-d integer tensor)."""
+        if isinstance(i, torch.Tensor):
+            if i.numel() != 1 or i.is_floating_point() or i.is_complex() or i.dtype == torch.bool:
+                raise TypeError(f"token id must be an integer, got a tensor of dtype {i.dtype} "
+                                f"and shape {tuple(i.shape)}")
+            i = int(i)
+        elif isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"token id must be an integer, got {type(i).__name__} {i!r}")
         if not 0 <= int(i) < len(self.vocab):
             raise ValueError(f"token id {int(i)} is out of range 0..{len(self.vocab) - 1}")
         return self.vocab[int(i)]
@@ -77,15 +91,23 @@ class Tokenizer:
                      add_cls: bool = False, strict: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode and right-pad with [PAD]: ids (B, T) long and mask (B, T) bool, True = real token.
 
-        T is the longest sequence in the batch, or `max_len` (longer sequences are cut silently).
+        T is the longest sequence in the batch, or `max_len` (longer sequences are cut silently). With
+        add_bos_eos a cut sequence still ends in [EOS] (the last kept word makes way for it), so a caption
+        decoder always sees its end token; max_len must then leave room for [BOS] and [EOS] (and [CLS]).
         """
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings, got a single str")
         if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
             raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
+        if max_len is not None and add_bos_eos and max_len < 2 + int(add_cls):
+            raise ValueError(f"max_len={max_len} cannot hold {'[CLS], ' if add_cls else ''}[BOS] and [EOS]; "
+                             f"give max_len >= {2 + int(add_cls)}")
         seqs = [self.encode(t, add_bos_eos=add_bos_eos, add_cls=add_cls, strict=strict) for t in texts]
         if max_len is not None:
-            seqs = [s[:max_len] for s in seqs]
+            if add_bos_eos:  # a cut caption keeps [EOS] as its last token
+                seqs = [s if len(s) <= max_len else s[:max_len - 1] + [self.eos_id] for s in seqs]
+            else:
+                seqs = [s[:max_len] for s in seqs]
         T = max_len if max_len is not None else max((len(s) for s in seqs), default=0)
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(seqs), T), dtype=torch.bool)  # (B, T)
@@ -99,7 +121,11 @@ class Tokenizer:
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 1:
                 raise ValueError(f"ids must be 1-D, got a tensor of shape {tuple(ids.shape)}")
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
             ids = ids.tolist()
+        elif isinstance(ids, (str, bytes)):
+            raise TypeError(f"ids must be a sequence of integer token ids, got a {type(ids).__name__}")
         words = []
         for i in ids:
             token = self.id_to_token(i)
@@ -123,7 +149,12 @@ class Tokenizer:
             data = json.loads(Path(path).read_text())
             specials, words = data["specials"], data["words"]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"tokenizer file {path} is not a saved Tokenizer: {err}") from None
-        if tuple(specials) != SPECIALS:
-            raise ValueError(f"tokenizer file {path} has specials {specials}, expected {list(SPECIALS)}")
-        return cls(words)
+            raise ValueError(f"tokenizer file {path} is not a saved Tokenizer: {err!r}") from None
+        if not isinstance(specials, list) or tuple(specials) != SPECIALS:
+            raise ValueError(f"tokenizer file {path} has specials {specials!r}, expected {list(SPECIALS)}")
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"tokenizer file {path}: 'words' must be a list of strings, got {words!r:.60}")
+        try:
+            return cls(words)
+        except ValueError as err:
+            raise ValueError(f"tokenizer file {path}: {err}") from None

@@ -197,3 +197,18 @@ def test_soft_prompt_gradients_reach_only_the_context(encoder_kind):
     unfreeze(proj)
     with pytest.raises(RuntimeError, match="frozen"):
         check_gradients_only_reach(prompt, text, proj)
+
+
+def test_linear_probe_needs_examples_and_tensors():
+    with pytest.raises(ValueError, match="at least one example"):
+        fit_linear_probe(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), n_classes=2)
+    with pytest.raises(TypeError, match="features must be a torch.Tensor, got list"):
+        fit_linear_probe([[1.0, 2.0]], torch.tensor([0]))
+    with pytest.raises(TypeError, match="labels must be a long tensor"):
+        fit_linear_probe(torch.zeros(2, 4), torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="features must be a torch.Tensor"):
+        LinearProbe(2, 2)([[1.0, 2.0]])
+    with pytest.raises(TypeError, match="image_feats must be a torch.Tensor"):
+        zero_shot_classify([[1.0, 2.0]], torch.ones(3, 2))
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        SoftPrompt(2, 4)(torch.zeros(1, 3, 4), [[True, True, True]])

@@ -141,6 +141,18 @@ def test_sdpa_dropout_uses_generator():
         scaled_dot_product_attention(q, k, v, dropout_p=0.5, impl="fused", generator=torch.Generator())
 
 
+@pytest.mark.parametrize("p", [0.25, 0.5])
+def test_sdpa_dropout_rescales_the_kept_weights_by_one_over_one_minus_p(p):
+    q, k, v = _qkv()
+    _, w = scaled_dot_product_attention(q, k, v)
+    out, wd = scaled_dot_product_attention(q, k, v, dropout_p=p, generator=torch.Generator().manual_seed(4))
+    kept = wd > 0
+    assert 0 < kept.sum() < kept.numel()
+    # inverted dropout: each kept weight is divided by (1 - p), so E[weights] is the softmax itself
+    torch.testing.assert_close(wd[kept], w[kept] / (1 - p), **F32)
+    torch.testing.assert_close(out, wd @ v, **F32)  # the output uses the weights returned
+
+
 def test_sdpa_errors_name_the_dimension():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="key last dim is 5 but query last dim is 8"):
@@ -281,6 +293,12 @@ def test_coattention_is_two_cross_attentions():
     f1, f2 = co(x1, x2, m1, m2)
     torch.testing.assert_close(f1, o1, **F32)
     torch.testing.assert_close(f2, o2, **F32)
+
+
+@pytest.mark.parametrize("args", [(8, 0), (8, -2), (0, 2), (8, 2, 0)])
+def test_coattention_rejects_non_positive_sizes(args):
+    with pytest.raises(ValueError, match="must be positive"):
+        CoAttention(*args)
 
 
 def test_set_attention_impl_switches_every_module():

@@ -91,3 +91,55 @@ def test_command_line_process_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mmlite", "data", "--out", str(existing)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "is an existing file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _no_generation(monkeypatch):
+    """Make generating a world fail loudly: a bad --out must be refused before any work."""
+    from mmlite.data import command
+
+    def refuse(*_, **__):
+        raise AssertionError("the world was generated before --out was checked")
+
+    monkeypatch.setattr(command, "generate", refuse)
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{file}/sub", "is a file, so nothing can be created below it"),
+    ("{file}/a/b", "is a file, so nothing can be created below it"),
+    ("", "--out is empty"),
+    ("  ", "--out is empty"),
+    ("..", "must end in a folder name"),
+])
+def test_bad_output_locations_are_refused_first_in_one_line(out, message, tmp_path, monkeypatch, capsys):
+    _no_generation(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("x")
+    assert main(["data", "--out", out.format(file="FILE")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"], "no ..old.* or temporary folder is left"
+
+
+def test_os_errors_while_writing_are_one_line(tmp_path, monkeypatch, capsys):
+    from mmlite.data import command
+
+    def disk_full(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    from mmlite.data import DataConfig
+
+    monkeypatch.setitem(command.PRESETS, "tiny", DataConfig(n_train=4, n_val=2, n_test=2, n_comp=2))  # fast
+    monkeypatch.setattr(command, "save_world", disk_full)
+    assert main(["data", "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not write the world" in err and "No space left on device" in err
+
+
+def test_empty_out_in_an_empty_folder_is_refused_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    from mmlite.data import DataConfig, command
+
+    monkeypatch.setitem(command.PRESETS, "tiny", DataConfig(n_train=4, n_val=2, n_test=2, n_comp=2))  # fast
+    monkeypatch.chdir(tmp_path)  # "" is the current folder, which a world cannot replace
+    assert main(["data", "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "no ..old.* or temporary folder is left"

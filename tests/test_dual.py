@@ -1,5 +1,7 @@
 """The dual encoder: unit embeddings, contrastive training lowers the loss, split embedding."""
 
+import math
+
 import pytest
 import torch
 
@@ -22,6 +24,14 @@ def test_embeddings_are_unit_vectors_and_loss_is_log_b_when_all_equal():
     assert z_i.shape == z_t.shape == (2, 8)
     torch.testing.assert_close(z_i.norm(dim=1), torch.ones(2))
     torch.testing.assert_close(z_t.norm(dim=1), torch.ones(2))
+    # four copies of one pair: every logit is equal, so each row's cross-entropy is log B whatever the scale
+    model.eval()  # BatchNorm on identical images would otherwise normalise them to zero
+    ids4, mask4 = tok.encode_batch(["a red circle"] * 4, add_bos_eos=True)
+    batch = {"image": torch.rand(1, 3, 32, 32).expand(4, -1, -1, -1), "caption_ids": ids4, "caption_mask": mask4}
+    loss = dual_loss(model, batch)
+    assert loss.item() == pytest.approx(math.log(4), abs=1e-5)  # float32 log-softmax of 4 equal numbers
+    loss.backward()  # and it is differentiable end to end
+    assert model.logit_scale.value.grad is not None
 
 
 def test_training_lowers_the_contrastive_loss(world):
@@ -43,6 +53,22 @@ def test_embed_split_covers_every_image(world):
     assert z_i.shape == z_t.shape == (24, 8)
     assert model.training, "embed_split restores the training mode"
     torch.testing.assert_close(z_i[:10], model.eval().encode_image(world["test"].image_tensor(range(10))))
+    _, z_t2 = embed_split(model, world["test"], tok, caption=2, batch_size=10)  # the caption asked for
+    ids, mask = tok.encode_batch([world["test"].captions[i][2] for i in range(24)], add_bos_eos=True)
+    torch.testing.assert_close(z_t2, model.encode_text(ids, mask))
+    assert not torch.allclose(z_t2, z_t)
+
+
+def test_training_clamps_the_logit_scale_parameter_after_every_step(world):
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = DualEncoder(len(tok), d_model=16, d_embed=8, cnn_width=8)
+    cap = model.logit_scale.max  # ln 100
+    with torch.no_grad():
+        model.logit_scale.value.fill_(cap + 0.5)  # above the cap: forward() caps it, only clamp_() moves it back
+    train_dual_encoder(model, world["train"], tok, FitConfig(steps=2, lr=1e-3, warmup=0), batch_size=32)
+    # two AdamW steps of lr 1e-3 move t by at most ~2e-3, so only the clamp hook brings it back to ln 100
+    assert model.logit_scale.value.item() <= cap + 1e-6
 
 
 def test_split_image_tensor_layout(world):

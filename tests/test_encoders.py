@@ -351,3 +351,65 @@ def test_text_encoders_validate_ids_and_length():
     for pool in ("cls", "first"):
         with pytest.raises(ValueError, match="causal"):
             TransformerTextEncoder(V, causal=True, pool=pool)
+
+
+# --------------------------------------------------------------------------- degenerate inputs
+def test_pooling_of_an_empty_sequence_gives_zeros():
+    x = torch.randn(2, 0, 3, requires_grad=True)
+    empty_mask = torch.zeros(2, 0, dtype=torch.bool)
+    for out in (masked_mean(x), masked_mean(x, empty_mask), last_token_pool(x), last_token_pool(x, empty_mask)):
+        assert torch.equal(out, torch.zeros(2, 3))  # as for a fully masked row, never NaN
+    masked_mean(x).sum().backward()  # still attached to the graph
+    with pytest.raises(ValueError, match="no class token"):
+        cls_pool(x)
+
+
+@pytest.mark.parametrize("name,enc", list(_text_encoders()))
+def test_text_encoders_accept_an_empty_sequence(name, enc):
+    from mmlite.data import build_tokenizer
+
+    ids, mask = build_tokenizer().encode_batch(["", ""])  # (2, 0): what empty captions give
+    tokens, pooled = enc(ids, mask)
+    assert tokens.shape == (2, 0, enc.d_model)
+    if name == "tf-cls":  # the class vector alone still runs through the blocks
+        assert pooled.shape == (2, enc.d_model) and torch.isfinite(pooled).all()
+    elif pooled is not None:
+        assert torch.equal(pooled, torch.zeros(2, enc.d_model)), "no token: zeros, like a fully masked row"
+
+
+def test_gru_on_an_empty_sequence_returns_h0():
+    gru = GRU(3, 4, num_layers=2)
+    h0 = torch.randn(2, 5, 4)
+    out, h_n = gru(torch.randn(5, 0, 3), h0)
+    assert out.shape == (5, 0, 4) and torch.equal(h_n, h0)
+    out, h_n = gru(torch.randn(5, 0, 3))
+    assert torch.equal(h_n, torch.zeros(2, 5, 4))
+
+
+def test_encoders_and_pooling_reject_lists():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        GRU(2, 2)([[[1.0, 2.0]]])
+    with pytest.raises(TypeError, match="h0 must be a torch.Tensor"):
+        GRU(2, 2)(torch.zeros(1, 1, 2), h0=[[[0.0, 0.0]]])
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        masked_mean([[[1.0]]])
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        last_token_pool(torch.zeros(1, 2, 3), [[True, False]])
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        GRUTextEncoder(V, 4, 4)(torch.ones(1, 2, dtype=torch.long), [[True, True]])
+    with pytest.raises(TypeError, match="embeddings must be a torch.Tensor"):
+        TransformerTextEncoder(V, d_model=16, depth=1, n_heads=2).encode_embeddings([[[0.0] * 16]])
+
+
+def test_vit_forward_is_normalise_patchify_prepend_cls_add_positions_blocks_norm():
+    torch.manual_seed(0)
+    vit = ViTEncoder(image_size=16, patch_size=8, d_model=16, depth=2, n_heads=2).eval()
+    with torch.no_grad():
+        vit.cls_token.normal_()  # make every term visible
+    images = torch.rand(2, 3, 16, 16)
+    x = vit.patch_embed.proj(2.0 * images - 1.0).flatten(2).transpose(1, 2)  # [0, 1] -> [-1, 1], then (B, 4, 16)
+    x = torch.cat([vit.cls_token.expand(2, -1, -1), x], dim=1) + vit.pos_embed  # (B, 5, 16)
+    for block in vit.blocks:
+        x = block(x)
+    # the same operations: (x - 0.5) / 0.5 and 2x - 1 round differently in the last bit only
+    torch.testing.assert_close(vit(images), vit.norm(x), rtol=1e-5, atol=1e-5)

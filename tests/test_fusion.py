@@ -180,3 +180,40 @@ def test_cross_attention_fusion_returns_weights_that_sum_to_one_over_real_keys()
     assert i2t.shape == (3, 2, 5, 4) and t2i.shape == (3, 2, 4, 5)
     torch.testing.assert_close(t2i.sum(-1), torch.ones(3, 2, 4))
     assert torch.all(i2t[1, :, :, 2:] == 0), "padded words receive no attention"
+
+
+def _torch_attention(ours) -> torch.nn.MultiheadAttention:
+    """A torch.nn.MultiheadAttention holding a copy of one of our attention modules' weights."""
+    mha = torch.nn.MultiheadAttention(ours.d_model, ours.n_heads, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight]))
+        mha.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
+        mha.out_proj.weight.copy_(ours.out_proj.weight)
+        mha.out_proj.bias.copy_(ours.out_proj.bias)
+    return mha.eval()
+
+
+def test_cross_attention_fusion_matches_its_formula_with_copied_weights():
+    """Per layer, O = CoAttention(LN(X_i), LN(X_t)), X = X + O, H = X + FFN(LN(X)); then LN, masked mean, concat."""
+    torch.manual_seed(0)
+    fusion = CrossAttentionFusion(DI, DT, 8, 2, layers=2).eval()
+    image, text, image_mask, text_mask = _inputs()
+
+    def ffn(ff, h):  # W2 gelu(W1 h + b1) + b2, exact (erf) GELU
+        z = h @ ff.linear1.weight.T + ff.linear1.bias
+        return (0.5 * z * (1 + torch.erf(z / 2**0.5))) @ ff.linear2.weight.T + ff.linear2.bias
+
+    def mean(x, m):
+        return (x * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+
+    xi = image @ fusion.image_proj.weight.T + fusion.image_proj.bias  # (B, Ti, 8)
+    xt = text @ fusion.text_proj.weight.T + fusion.text_proj.bias  # (B, Tt, 8)
+    for layer in fusion.layers:
+        a_i, a_t = layer.norm_i(xi), layer.norm_t(xt)
+        o_i = _torch_attention(layer.co_attn.attn_1to2)(a_i, a_t, a_t, key_padding_mask=~text_mask)[0]
+        o_t = _torch_attention(layer.co_attn.attn_2to1)(a_t, a_i, a_i, key_padding_mask=~image_mask)[0]
+        xi, xt = xi + o_i, xt + o_t  # the seed's X + O
+        xi, xt = xi + ffn(layer.ff_i, layer.ff_norm_i(xi)), xt + ffn(layer.ff_t, layer.ff_norm_t(xt))
+    expected = torch.cat([mean(fusion.norm_i(xi), image_mask), mean(fusion.norm_t(xt), text_mask)], dim=-1)
+    # float32, two layers of attention against torch's kernel: the attention oracle's tolerance
+    torch.testing.assert_close(fusion(image, text, image_mask, text_mask), expected, atol=1e-5, rtol=1e-5)

@@ -76,6 +76,72 @@ def test_fit_lowers_the_loss_and_evaluation_reports_every_kind(world, tok):
         assert 0.0 <= report[key] <= 1.0, key
 
 
+class _KnownScorer(torch.nn.Module):
+    """A stand-in model whose P(match) is a known function of (which image, which text), to check the report.
+
+    It finds the image by its pixels and decodes the text; then P = KIND_P[kind] (+0.1 for odd images) for one
+    of the image's hard negatives, 0.8 / 0.4 for a true caption or negative source with an even / odd number of
+    words, and 0.3 for any other text (the easy negatives) on every third image, else 0.7.
+    """
+
+    KIND_P = {"swap_attribute": 0.2, "swap_relation": 0.6, "change_color": 0.45}
+
+    def __init__(self, split, tok):
+        super().__init__()
+        self.split, self.tok = split, tok
+        self.images = split.image_tensor()  # (N, 3, H, W)
+
+    def p(self, i: int, text: str) -> float:
+        kinds = dict(self.split.negatives[i])
+        if text in kinds:
+            return self.KIND_P[kinds[text]] + 0.1 * (i % 2)
+        if text in self.split.captions[i] or text in self.split.negative_sources[i]:
+            return 0.8 if len(text.split()) % 2 == 0 else 0.4
+        return 0.3 if i % 3 == 0 else 0.7
+
+    def match_probability(self, images, ids, mask):
+        same = (images[:, None] == self.images[None]).flatten(2).all(-1)  # (b, N)
+        assert same.sum(1).eq(1).all(), "every image of the split is unique"
+        return torch.tensor([self.p(int(i), self.tok.decode(row)) for i, row in zip(same.float().argmax(1), ids)])
+
+
+def test_evaluate_matching_reports_known_rates_and_binding_against_each_source(world, tok):
+    split = world["test"]
+    model = _KnownScorer(split, tok)
+    n = len(split)
+    positive = [model.p(i, split.captions[i][0]) > 0.5 for i in range(n)]
+    easy = [model.p(i, split.captions[(i + 1) % n][0]) <= 0.5 for i in range(n)
+            if caption_truth(split.captions[(i + 1) % n][0], split.objects[i]) is False]
+    rejected = {k: [] for k in NEGATIVE_KINDS}
+    binding = {k: [] for k in NEGATIVE_KINDS}
+    for i in range(n):
+        for (caption, kind), source in zip(split.negatives[i], split.negative_sources[i]):
+            rejected[kind].append(model.p(i, caption) <= 0.5)
+            binding[kind].append(model.p(i, source) > model.p(i, caption))  # against its own source only
+    report = evaluate_matching(model, split, tok, batch_size=7)
+
+    def rate(xs):
+        return pytest.approx(sum(xs) / len(xs))
+
+    assert 0 < sum(positive) < n and 0 < sum(easy) < len(easy), "the stub gives both answers"
+    assert report["positive"] == rate(positive) and report["easy"] == rate(easy)
+    assert report["accuracy"] == pytest.approx((sum(positive) / n + sum(easy) / len(easy)) / 2)
+    assert report["positive"] != report["easy"], "so a swap of the two, or accuracy = positive, shows"
+    for kind in NEGATIVE_KINDS:
+        assert report[f"hard/{kind}"] == rate(rejected[kind]), kind
+        assert report[f"binding/{kind}"] == rate(binding[kind]), kind
+    assert report["hard"] == rate([r for k in NEGATIVE_KINDS for r in rejected[k]])
+    assert len({report[f"hard/{k}"] for k in NEGATIVE_KINDS}) == 3, "every kind has its own rate"
+    assert len({report[f"binding/{k}"] for k in NEGATIVE_KINDS}) == 3
+    # comparing with the image's first caption instead of each negative's source would give other numbers
+    first = {k: [] for k in NEGATIVE_KINDS}
+    for i in range(n):
+        for caption, kind in split.negatives[i]:
+            first[kind].append(model.p(i, split.captions[i][0]) > model.p(i, caption))
+    assert any(rate(first[k]) != report[f"binding/{k}"] for k in NEGATIVE_KINDS)
+    assert report["n_images"] == n
+
+
 def test_score_pairs_equals_one_call_per_pair_in_any_batch_size(world, tok):
     torch.manual_seed(0)
     model = MatchingModel(MatchingConfig(vocab_size=len(tok), d_model=16, cnn_width=8, n_heads=2, hidden=16)).train()

@@ -322,3 +322,43 @@ def test_shift_for_lm_and_caption_loss():
         shift_for_lm(ids[:, :1], mask[:, :1])
     with pytest.raises(ValueError, match="bool"):
         caption_loss(logits, batch.targets, batch.target_mask.long())
+
+
+# --------------------------------------------------------------------------- degenerate inputs
+def test_mask_tokens_on_empty_sequences_selects_nothing_and_draws_nothing():
+    g = gen(0)
+    state = g.get_state()
+    for shape in ((3, 0), (0, 4)):
+        ids, mask = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.bool)
+        inputs, labels = mask_tokens(ids, mask, mask_id=3, vocab_size=20, special_ids=[0, 1, 2], generator=g)
+        assert inputs.shape == labels.shape == shape and labels.dtype == torch.long
+    assert torch.equal(g.get_state(), state), "no random numbers were consumed"
+
+
+def test_build_itm_batch_rejects_negative_and_non_integer_indices():
+    with pytest.raises(ValueError, match="neg_text_for_image holds the negative index -1"):
+        build_itm_batch(torch.tensor([1, -1, 0]), torch.tensor([1, 2, 0]))
+    with pytest.raises(ValueError, match="neg_image_for_text holds the negative index -3"):
+        build_itm_batch(torch.tensor([1, 2, 0]), torch.tensor([1, -3, 0]))
+    with pytest.raises(TypeError, match="integer"):
+        build_itm_batch(torch.tensor([1.0, 0.0]), torch.tensor([1, 0]))
+    with pytest.raises(TypeError, match="neg_image_for_text must be a torch.Tensor, got list"):
+        build_itm_batch(torch.tensor([1, 0]), [1, 0])
+    batch = build_itm_batch(torch.tensor([1, 0], dtype=torch.int32), torch.tensor([1, 0]))  # any integer dtype
+    assert batch.text_index.tolist() == [0, 1, 0, 1, 1, 0]
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda L: cross_entropy(L, torch.tensor([0, 1])), "logits"),
+    (lambda L: cross_entropy(torch.tensor(L), [0, 1]), "targets"),
+    (lambda L: contrastive_loss(L, torch.tensor(L), 1.0), "image_feats"),
+    (lambda L: sample_hard_negatives(L), "sim"),
+    (lambda L: itm_loss(L, torch.tensor([0, 1])), "logits"),
+    (lambda L: mask_tokens([[1, 2]], torch.ones(1, 2, dtype=torch.bool), 3, 10, [0]), "ids"),
+    (lambda L: mlm_loss(L, torch.tensor([0, 1])), "logits"),
+    (lambda L: shift_for_lm(torch.ones(1, 2, dtype=torch.long), [[True, True]]), "mask"),
+    (lambda L: caption_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), [[True, True]]), "mask"),
+])
+def test_objectives_name_an_argument_that_is_not_a_tensor(call, name):
+    with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got list"):
+        call([[1.0, 2.0], [3.0, 4.0]])

@@ -68,8 +68,11 @@ def test_encode_batch_pads_right_with_a_mask(tok):
     assert (ids[~mask] == tok.pad_id).all() and (ids[mask] != tok.pad_id).all()
     for b, t in enumerate(texts):
         assert ids[b, : lengths[b]].tolist() == tok.encode(t, add_bos_eos=True)
-    short, short_mask = tok.encode_batch(texts, max_len=4, add_bos_eos=True)  # cut silently
-    assert short.shape == (3, 4) and short_mask.all() and torch.equal(short, ids[:, :4])
+    short, short_mask = tok.encode_batch(texts, max_len=4, add_bos_eos=True)  # cut silently, [EOS] kept last
+    assert short.shape == (3, 4) and short_mask.all() and torch.equal(short[:, :3], ids[:, :3])
+    assert (short[:, 3] == tok.eos_id).all()
+    plain, _ = tok.encode_batch(texts, max_len=4)  # without [BOS]/[EOS] the cut is a plain prefix
+    torch.testing.assert_close(plain, tok.encode_batch(texts)[0][:, :4], rtol=0, atol=0)
     wide, wide_mask = tok.encode_batch(texts, max_len=20)
     assert wide.shape == (3, 20) and wide_mask.sum().item() == sum(len(tok.encode(t)) for t in texts)
     with pytest.raises(TypeError, match="single str"):
@@ -109,3 +112,60 @@ def test_bad_vocabularies_are_refused():
         Tokenizer(["left of"])
     with pytest.raises(TypeError, match="strings"):
         Tokenizer(["red", 3])
+
+
+def test_truncation_keeps_eos_last(tok):
+    long = "two blue squares left of a large red circle"
+    full = tok.encode(long, add_bos_eos=True)
+    for max_len in (2, 3, 6, len(full) - 1):
+        ids, mask = tok.encode_batch([long, "a star"], max_len=max_len, add_bos_eos=True)
+        assert ids.shape == (2, max_len) and mask[0].all()
+        assert ids[0].tolist() == full[:max_len - 1] + [tok.eos_id], max_len  # the words that fit, then [EOS]
+    ids, _ = tok.encode_batch([long], max_len=len(full), add_bos_eos=True)  # fits: unchanged
+    assert ids[0].tolist() == full
+    ids, _ = tok.encode_batch([long], max_len=4, add_bos_eos=True, add_cls=True)
+    assert ids[0].tolist() == [tok.cls_id, tok.bos_id, full[1], tok.eos_id]
+    with pytest.raises(ValueError, match=r"max_len=1 cannot hold \[BOS\] and \[EOS\]"):
+        tok.encode_batch([long], max_len=1, add_bos_eos=True)
+    with pytest.raises(ValueError, match=r"max_len=2 cannot hold \[CLS\], \[BOS\] and \[EOS\]"):
+        tok.encode_batch([long], max_len=2, add_bos_eos=True, add_cls=True)
+
+
+def test_empty_text_gives_an_empty_sequence(tok):
+    ids, mask = tok.encode_batch([""])
+    assert ids.shape == mask.shape == (1, 0)
+    ids, mask = tok.encode_batch(["", "a star"], add_bos_eos=True)
+    assert ids[0].tolist() == [tok.bos_id, tok.eos_id, tok.pad_id, tok.pad_id]
+
+
+def test_decode_refuses_non_integer_ids(tok):
+    with pytest.raises(TypeError, match="integer tensor, got dtype torch.float32"):
+        tok.decode(torch.tensor([8.0, 9.7]))
+    with pytest.raises(TypeError, match="token id must be an integer, got float 8.9"):
+        tok.decode([8.9, 9])
+    with pytest.raises(TypeError, match="got a str"):
+        tok.decode("8 9")
+    with pytest.raises(TypeError, match="token id must be an integer"):
+        tok.id_to_token(7.0)
+    assert tok.decode(torch.tensor([8, 9], dtype=torch.int32)) == tok.decode([8, 9])  # any integer dtype
+    assert tok.id_to_token(torch.tensor(8)) == tok.vocab[8]
+
+
+def test_vocabulary_must_be_a_list_of_words(tmp_path):
+    with pytest.raises(TypeError, match="got a single str 'abc'"):
+        Tokenizer("abc")  # not three one-letter words
+    with pytest.raises(TypeError, match="iterable of str, got int"):
+        Tokenizer(5)
+    for name, words in (("five.json", 5), ("letters.json", "abc"), ("mixed.json", ["a", 3])):
+        (tmp_path / name).write_text(json.dumps({"specials": list(SPECIALS), "words": words}))
+        with pytest.raises(ValueError, match=rf"{name}: 'words' must be a list of strings"):
+            Tokenizer.load(tmp_path / name)
+    (tmp_path / "dup.json").write_text(json.dumps({"specials": list(SPECIALS), "words": ["a", "a"]}))
+    with pytest.raises(ValueError, match="dup.json: duplicate word 'a'"):
+        Tokenizer.load(tmp_path / "dup.json")
+    (tmp_path / "specials.json").write_text(json.dumps({"specials": 5, "words": []}))
+    with pytest.raises(ValueError, match="specials.json has specials 5"):
+        Tokenizer.load(tmp_path / "specials.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json is not a saved Tokenizer"):
+        Tokenizer.load(tmp_path / "list.json")

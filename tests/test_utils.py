@@ -30,12 +30,28 @@ def test_threads_and_setup():
         torch.set_num_threads(before)
 
 
-def test_device_choice():
-    assert get_device("cpu") == torch.device("cpu")
-    assert get_device().type in ("cuda", "mps", "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="cuda"):
+def _machine(monkeypatch, cuda: bool, mps: bool) -> None:
+    """Pretend the machine has (or lacks) CUDA and MPS."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize("cuda, mps, best", [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"),
+                                             (False, False, "cpu")])
+def test_device_choice(monkeypatch, cuda, mps, best):
+    _machine(monkeypatch, cuda, mps)
+    assert get_device() == torch.device(best)  # cuda, then mps, then cpu
+    assert get_device("cpu") == torch.device("cpu")  # an explicit choice wins
+    if cuda:
+        assert get_device("cuda:1") == torch.device("cuda", 1)
+    else:
+        with pytest.raises(ValueError, match="device 'cuda' was asked for"):
             get_device("cuda")
+    if mps:
+        assert get_device("mps") == torch.device("mps")
+    else:
+        with pytest.raises(ValueError, match="device 'mps' was asked for"):
+            get_device("mps")
 
 
 def test_count_parameters():

@@ -82,12 +82,16 @@ def save_world(world: dict[str, Split], config: DataConfig, seed: int, folder: s
                extra: dict[str, bytes] | None = None) -> Path:
     """Write a world (and `extra` files: name -> bytes) to `folder`, replacing an earlier world there."""
     folder = Path(folder)
+    if folder.name in ("", ".", ".."):
+        raise ValueError(f"the world folder must end in a folder name, got {str(folder)!r} "
+                         "(a world replaces its folder, which cannot be '.' or '..')")
     if folder.exists() and not (folder / "meta.json").is_file():
         if folder.is_file() or any(folder.iterdir()):
             raise ValueError(f"{folder} exists and is not a shapes-world folder (no meta.json); "
                              f"choose another output folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    old: Path | None = None  # where an earlier world waits while the new one moves in
     try:
         files = {}
         for name in SPLITS:
@@ -107,17 +111,56 @@ def save_world(world: dict[str, Split], config: DataConfig, seed: int, folder: s
                 "splits": {name: {"n": len(world[name]), "sha256": files[name]} for name in SPLITS}}
         (tmp / "meta.json").write_bytes(_dumps(meta) + b"\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        old = None
         if folder.exists():  # an earlier world: move it aside, put the new one in place, then delete it
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
             os.replace(folder, old / "world")
         os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "world").exists() and not folder.exists():
+            os.replace(old / "world", folder)  # put the earlier world back (if this fails, it stays in `old`)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+_TEXT_KEYS = ("captions", "questions", "negatives", "negative_sources")
+
+
+def _check_splits_meta(splits_meta: object, meta_path: Path, folder: Path) -> None:
+    """Raise ValueError naming meta.json unless it lists n and a SHA-256 of every file of every split."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"corrupt cache file {meta_path} ({what}); delete {folder} to regenerate it")
+
+    if not isinstance(splits_meta, dict):
+        raise bad(f"'splits' is a {type(splits_meta).__name__}, not an object")
+    for name in SPLITS:
+        entry = splits_meta.get(name)
+        if not isinstance(entry, dict):
+            raise bad(f"no entry for split {name!r}")
+        n, sha = entry.get("n"), entry.get("sha256")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise bad(f"split {name!r} has no valid image count 'n' (got {n!r})")
+        if not isinstance(sha, dict) or not all(isinstance(sha.get(f), str) for f in _FILES):
+            raise bad(f"split {name!r} lacks the SHA-256 of one of {list(_FILES)}")
+
+
+def _split_from_files(name: str, images: np.ndarray, objects: np.ndarray, text: object, path: Path,
+                      folder: Path) -> Split:
+    """Build a Split from its arrays and text.json, raising ValueError naming text.json when it is malformed."""
+    if not isinstance(text, dict) or not all(isinstance(text.get(k), list) for k in _TEXT_KEYS):
+        got = sorted(text) if isinstance(text, dict) else type(text).__name__
+        raise ValueError(f"corrupt cache file {path} (needs the lists {list(_TEXT_KEYS)}, got {got}); "
+                         f"delete {folder} to regenerate it")
+    try:
+        return Split(name, images, objects, text["captions"],
+                     [[tuple(q) for q in qs] for qs in text["questions"]],
+                     [[tuple(g) for g in gs] for gs in text["negatives"]], text["negative_sources"])
+    except TypeError as err:
+        raise ValueError(f"corrupt cache file {path} ({err}); delete {folder} to regenerate it") from None
 
 
 def read_world(folder: str | Path, config: DataConfig | None = None, seed: int | None = None) -> dict[str, Split]:
@@ -130,13 +173,14 @@ def read_world(folder: str | Path, config: DataConfig | None = None, seed: int |
     except FileNotFoundError:
         raise ValueError(f"incomplete cache: {meta_path} is missing; delete {folder} to regenerate it") from None
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"corrupt cache file {meta_path} ({err}); delete {folder} to regenerate it") from None
+        raise ValueError(f"corrupt cache file {meta_path} ({err!r}); delete {folder} to regenerate it") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} has format {meta.get('format')}, this mmlite writes {FORMAT}; "
                          f"delete {folder} to regenerate it")
     if config is not None and saved_config != config or seed is not None and meta.get("seed") != seed:
         raise ValueError(f"{folder} holds seed {meta.get('seed')} with {saved_config}, not the requested "
                          f"seed {seed} with {config}; delete it or choose another root")
+    _check_splits_meta(splits_meta, meta_path, folder)
     world = {}
     for name in SPLITS:
         arrays, n = {}, splits_meta[name]["n"]
@@ -152,13 +196,12 @@ def read_world(folder: str | Path, config: DataConfig | None = None, seed: int |
             except ValueError as err:
                 raise ValueError(f"corrupt cache file {path} ({err}); delete {folder} to regenerate it") from None
         images, objects, text = arrays["images.npy"], arrays["objects.npy"], arrays["text.json"]
+        split = _split_from_files(name, images, objects, text, folder / name / "text.json", folder)
         size = saved_config.image_size
         if images.shape != (n, size, size, 3) or objects.shape != (n, MAX_OBJECTS, len(FIELDS)) \
-                or any(len(text[k]) != n for k in ("captions", "questions", "negatives", "negative_sources")):
+                or any(len(text[k]) != n for k in _TEXT_KEYS):
             raise ValueError(f"corrupt cache in {folder / name}: sizes disagree with {meta_path}")
-        world[name] = Split(name, images, objects, text["captions"],
-                            [[tuple(q) for q in qs] for qs in text["questions"]],
-                            [[tuple(g) for g in gs] for gs in text["negatives"]], text["negative_sources"])
+        world[name] = split
     return world
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmlite.cli import check_output_path
 from mmlite.data.cache import save_world, world_name
 from mmlite.data.config import PRESETS
 from mmlite.data.dataset import vocabulary
@@ -50,10 +51,9 @@ def run(args: argparse.Namespace) -> int:
             PRESETS[args.preset].replace(image_size=args.image_size)
     except (TypeError, ValueError) as err:
         raise ValueError(f"--image-size: {err}") from None
-    out = Path(args.out) if args.out is not None else \
+    out = args.out if args.out is not None else \
         Path("data") / "cache" / world_name(args.preset, args.seed, args.image_size)
-    if out.is_file():
-        raise ValueError(f"--out {out} is an existing file, not a folder")
+    out = check_output_path(out, "--out", folder=True)  # before generating anything
     if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
         raise ValueError(f"--out {out} is a folder that holds other files; choose an empty or new folder")
 
@@ -64,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
     stats = {name: describe(world[name]) for name in SPLITS}
     extra = {"stats.json": json.dumps(stats, sort_keys=True, indent=1).encode() + b"\n",
              "samples.png": sample_grid_png(world["train"])}
-    save_world(world, config, args.seed, out, extra=extra)
+    try:
+        save_world(world, config, args.seed, out, extra=extra)
+    except OSError as err:
+        raise ValueError(f"--out {out}: could not write the world: {err}") from None
     total = time.perf_counter() - start
 
     sizes = ", ".join(f"{name} {len(world[name])}" for name in SPLITS)

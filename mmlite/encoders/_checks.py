@@ -35,6 +35,8 @@ def check_ids_and_mask(ids: Tensor, mask: Tensor | None, vocab_size: int, pad_id
             raise ValueError(f"ids contain token id {bad}, outside [0, vocab_size={vocab_size})")
     if mask is None:
         return ids != pad_id
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = real token), got dtype {mask.dtype}")
     if mask.shape != ids.shape:

@@ -99,6 +99,9 @@ class GRU(nn.Module):
 
     def _check_inputs(self, x: Tensor, h0: Tensor | None, mask: Tensor | None) -> None:
         """Raise with the offending argument and dimension when the inputs do not fit."""
+        for name, t in (("x", x), ("h0", h0), ("mask", mask)):
+            if t is not None and not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if x.dim() != 3:
             raise ValueError(f"x must be 3-D (B, T, input_size) with batch_first, got shape {tuple(x.shape)}")
         if x.shape[-1] != self.input_size:
@@ -123,7 +126,10 @@ class GRU(nn.Module):
         """x: (B, T, I) (or (T, B, I) if not batch_first); h0: (L, B, H); mask: (B, T) bool, True = real.
 
         Returns out: (B, T, H) (the last layer's states, zero at masked steps) and h_n: (L, B, H).
+        An empty sequence (T = 0) gives out (B, 0, H) and h_n = h0.
         """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not self.batch_first and x.dim() == 3:
             x = x.transpose(0, 1)  # (B, T, I)
         self._check_inputs(x, h0, mask)
@@ -148,7 +154,7 @@ class GRU(nn.Module):
                     h = torch.where(m, h_new, h)  # padding keeps the previous state
                     outs.append(h_new * m.to(h_new.dtype))  # padding outputs are zero
             finals.append(h)
-            layer_input = torch.stack(outs, dim=1)  # (B, T, H)
+            layer_input = torch.stack(outs, dim=1) if outs else gi_all.new_zeros(b, 0, self.hidden_size)  # (B, T, H)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
         out = layer_input if self.batch_first else layer_input.transpose(0, 1)  # (B, T, H) or (T, B, H)

@@ -8,6 +8,9 @@ from torch import Tensor
 
 def _check_tokens_and_mask(x: Tensor, mask: Tensor | None) -> None:
     """Raise if `x` is not (B, T, D) or `mask` is not a bool (B, T) tensor matching it."""
+    for name, t in (("x", x), ("mask", mask)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 3:
         raise ValueError(f"x must be (B, T, D), got {x.dim()} dims with shape {tuple(x.shape)}")
     if mask is None:
@@ -21,10 +24,12 @@ def _check_tokens_and_mask(x: Tensor, mask: Tensor | None) -> None:
 def masked_mean(x: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean over the real tokens: sum_t m_t x_t / max(sum_t m_t, 1); a row with no real token gives zeros.
 
-    x: (B, T, D); mask: (B, T) bool, True = real token, or None (all real). Returns (B, D).
+    x: (B, T, D); mask: (B, T) bool, True = real token, or None (all real). Returns (B, D); with T = 0, zeros.
     """
     _check_tokens_and_mask(x, mask)
     if mask is None:
+        if x.shape[1] == 0:  # no token at all: zeros, as for a fully masked row (x.mean would give 0/0 = NaN)
+            return x.sum(dim=1)  # (B, D) zeros, still attached to the graph
         return x.mean(dim=1)
     m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
     count = m.sum(dim=1).clamp_min(1.0)  # (B, 1): clamping keeps all-padding rows at 0/1 = 0, not NaN
@@ -32,17 +37,21 @@ def masked_mean(x: Tensor, mask: Tensor | None = None) -> Tensor:
 
 
 def cls_pool(x: Tensor) -> Tensor:
-    """The class token's output: x[:, 0]. x: (B, T, D) -> (B, D)."""
+    """The class token's output: x[:, 0]. x: (B, T, D) with T >= 1 -> (B, D)."""
     _check_tokens_and_mask(x, None)
+    if x.shape[1] == 0:
+        raise ValueError(f"x has no tokens (shape {tuple(x.shape)}), so there is no class token at position 0")
     return x[:, 0]
 
 
 def last_token_pool(x: Tensor, mask: Tensor | None = None) -> Tensor:
     """The output at each row's last real token (right padding); CLIP's text pooling. (B, T, D) -> (B, D).
 
-    A row with no real token gives zeros.
+    A row with no real token (and every row of an empty sequence, T = 0) gives zeros.
     """
     _check_tokens_and_mask(x, mask)
+    if x.shape[1] == 0:
+        return x.sum(dim=1)  # (B, D) zeros: a sum over no token, still attached to the graph
     if mask is None:
         return x[:, -1]
     t = x.shape[1]

@@ -15,6 +15,9 @@ TEXT_POOLS = ("cls", "first", "mean", "last", "none")
 
 def _check_embeddings(x: Tensor, mask: Tensor | None, d: int) -> Tensor:
     """Validate (B, T, d) embeddings and a (B, T) bool mask; return the mask (all True if None)."""
+    for name, t in (("embeddings", x), ("mask", mask)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 3 or x.shape[-1] != d:
         raise ValueError(f"embeddings shape {tuple(x.shape)} should be (B, T, {d})")
     if mask is None:
@@ -70,7 +73,8 @@ class TransformerTextEncoder(nn.Module):
     start with the tokenizer's [CLS] (encode_batch(add_cls=True)); "mean" is the masked mean; "last"
     the last real token (CLIP's choice, natural with causal=True); "none" returns pooled=None.
     causal=True lets token t attend only to tokens <= t. Outputs at padded positions are computed
-    but meaningless: use the mask.
+    but meaningless: use the mask. An empty sequence (T = 0, e.g. encode_batch([""])) gives tokens
+    (B, 0, d_model) and a zero pooled vector for "first", "mean" and "last" ("cls" still has its class vector).
     """
 
     def __init__(
@@ -134,7 +138,7 @@ class TransformerTextEncoder(nn.Module):
         if self.cls_token is not None:
             return x[:, 1:], x[:, 0]
         if self.pool == "first":
-            return x, x[:, 0]
+            return x, x[:, 0] if t > 0 else x.sum(dim=1)  # T = 0: zeros (B, D), a sum over no token
         if self.pool == "mean":
             return x, masked_mean(x, mask)
         if self.pool == "last":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -24,9 +25,32 @@ class FitConfig:
     log_every: int = 0  # print the running loss every this many steps (0 = silent)
 
     def __post_init__(self) -> None:
+        for name in ("steps", "warmup", "log_every"):
+            _check_number(name, getattr(self, name), integer=True)
+        for name in ("lr", "weight_decay", "min_lr_ratio"):
+            _check_number(name, getattr(self, name))
         if self.steps < 1 or self.warmup < 0 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"bad FitConfig: steps={self.steps}, warmup={self.warmup}, lr={self.lr}, "
                              f"min_lr_ratio={self.min_lr_ratio} (need steps >= 1, warmup >= 0, lr > 0, ratio in [0, 1])")
+        if self.weight_decay < 0:
+            raise ValueError(f"FitConfig weight_decay must be >= 0, got {self.weight_decay} (it would grow the weights)")
+        if self.grad_clip is not None:
+            _check_number("grad_clip", self.grad_clip, allow_inf=True)
+            if self.grad_clip <= 0:
+                raise ValueError(f"FitConfig grad_clip must be positive or None, got {self.grad_clip} "
+                                 "(0 zeroes every gradient and a negative norm flips it)")
+        if self.log_every < 0:
+            raise ValueError(f"FitConfig log_every must be >= 0, got {self.log_every}")
+
+
+def _check_number(name: str, value: object, integer: bool = False, allow_inf: bool = False) -> None:
+    """Raise unless `value` is a finite real number (an integer if asked, +inf if allowed); bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"FitConfig {name} must be a number, got {type(value).__name__} {value!r}")
+    if integer and not isinstance(value, numbers.Integral):
+        raise ValueError(f"FitConfig {name} must be a whole number (an int), got {value!r}")
+    if math.isnan(value) or (math.isinf(value) and not (allow_inf and value > 0)):
+        raise ValueError(f"FitConfig {name} must be finite, got {value!r}")
 
 
 @dataclass
@@ -55,7 +79,9 @@ def fit(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, objec
     """Run cfg.steps optimizer steps of loss_fn(model, batch) over `batches`; returns the History.
 
     `batches` should be endless (wrap a DataLoader in `cycle`); `after_step` runs after every optimizer
-    step (e.g. clamping a learnable logit scale).
+    step (e.g. clamping a learnable logit scale). loss_fn must return a scalar tensor. Raises
+    FloatingPointError when a loss, or a parameter after the last step, is not finite. The last step's
+    gradients are cleared (set to None) before returning.
     """
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
@@ -70,6 +96,11 @@ def fit(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, objec
         except StopIteration:
             raise ValueError(f"batches ran out after {step} steps of {cfg.steps}: wrap the loader in cycle()") from None
         loss = loss_fn(model, batch)
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__} at step {step}")
+        if loss.numel() != 1:
+            raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)} at step {step} "
+                             "(reduce it, e.g. with .mean())")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -86,5 +117,10 @@ def fit(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, objec
             recent = history.losses[-cfg.log_every:]
             print(f"step {step + 1:5d}  loss {sum(recent) / len(recent):.4f}  "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
+    optimizer.zero_grad(set_to_none=True)  # keep no gradients of the last step around
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(f"parameters {bad[:5]}{' ...' if len(bad) > 5 else ''} are not finite "
+                                 f"after the last step ({cfg.steps})")
     history.seconds = time.perf_counter() - start
     return history
