@@ -8,12 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _check_tensor(name: str, x: object) -> Tensor:
-    """Raise TypeError unless `x` is a tensor."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    return x
+from mmlite.checks import check_dropout, check_features, check_tensor
 
 
 def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-6) -> Tensor:
@@ -23,7 +18,7 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-6) -> Tensor:
     (not NaN) gradient. float16 / bfloat16 input is normalised in float32 and cast back (squares
     of 300 overflow float16 and eps^2 = 1e-12 rounds to 0 there); float32 and float64 stay as they are.
     """
-    _check_tensor("x", x)
+    check_tensor("x", x)
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if not (eps > 0 and math.isfinite(eps)):
@@ -31,14 +26,6 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-6) -> Tensor:
     xc = x.to(torch.promote_types(x.dtype, torch.float32))  # the same tensor for float32 / float64
     sq = xc.pow(2).sum(dim=dim, keepdim=True)  # (..., 1, ...) along dim
     return (xc / sq.clamp_min(eps * eps).sqrt()).to(x.dtype)
-
-
-def _check_last_dim(x: Tensor, d_in: int, name: str = "x") -> None:
-    """Raise when the feature dimension of `x` is not d_in."""
-    _check_tensor(name, x)
-    if x.dim() < 1 or x.shape[-1] != d_in:
-        got = x.shape[-1] if x.dim() else "a scalar"
-        raise ValueError(f"{name} last dim is {got} but the module was built for d_in={d_in}")
 
 
 class LinearProjection(nn.Module):
@@ -52,7 +39,7 @@ class LinearProjection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., d_in) -> (..., d_out)."""
-        _check_last_dim(x, self.d_in)
+        check_features("x", x, self.d_in, "d_in", rank=None)
         return self.linear(x)
 
 
@@ -61,8 +48,7 @@ class MLPProjection(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, hidden: int | None = None, dropout: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         self.d_in = d_in
         self.d_out = d_out
         hidden = hidden if hidden is not None else max(d_in, d_out)
@@ -72,7 +58,7 @@ class MLPProjection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., d_in) -> (..., d_out)."""
-        _check_last_dim(x, self.d_in)
+        check_features("x", x, self.d_in, "d_in", rank=None)
         return self.fc2(self.dropout(F.gelu(self.fc1(x))))
 
 
@@ -104,8 +90,8 @@ def project_and_normalize(x: Tensor, projection: nn.Module | None = None) -> Ten
 
 def cosine_similarity_matrix(a: Tensor, b: Tensor) -> Tensor:
     """All pairwise cosine similarities: (N, D), (M, D) -> (N, M)."""
-    _check_tensor("a", a)
-    _check_tensor("b", b)
+    check_tensor("a", a)
+    check_tensor("b", b)
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(
             f"a and b must be (N, D) and (M, D) with the same D, got {tuple(a.shape)} and {tuple(b.shape)}"

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmlite.checks import check_dropout, check_features, check_tensor
+
 IMPLS = ("scratch", "fused")
 
 
@@ -22,12 +24,6 @@ def _check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     return impl
-
-
-def _check_tensor(name: str, t: object) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
 
 
 def _allowed_mask(mask: Tensor | None, causal: bool, tq: int, tk: int, device: torch.device) -> Tensor | None:
@@ -41,7 +37,7 @@ def _allowed_mask(mask: Tensor | None, causal: bool, tq: int, tk: int, device: t
 
 def _validate_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
+        check_tensor(name, t)
         if t.dim() < 2:
             raise ValueError(f"{name} must have at least 2 dims (..., T, d), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
@@ -58,7 +54,7 @@ def _validate_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout
             f"v {tuple(v.shape[:-2])}"
         )
     if mask is not None:
-        _check_tensor("mask", mask)
+        check_tensor("mask", mask)
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
         scores_shape = (*q.shape[:-1], k.shape[-2])  # (..., Tq, Tk)
@@ -70,8 +66,7 @@ def _validate_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout
             raise ValueError(
                 f"mask shape {tuple(mask.shape)} does not broadcast to the scores shape (..., Tq, Tk) = {scores_shape}"
             )
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_dropout(dropout_p, "dropout_p")
 
 
 def scaled_dot_product_attention(
@@ -136,7 +131,7 @@ def _expand_mask(mask: Tensor | None, name: str, b: int, h: int, tq: int, tk: in
     """
     if mask is None:
         return None
-    _check_tensor(name, mask)
+    check_tensor(name, mask)
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor (True = may attend), got dtype {mask.dtype}")
     if mask.dim() == 2:
@@ -168,8 +163,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"d_model and n_heads must be positive, got d_model={d_model}, n_heads={n_heads}")
         if d_model % n_heads != 0:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         self.d_model = d_model  # width of the queries and of the output
         self.n_heads = n_heads  # number of heads
         self.head_dim = d_model // n_heads  # width of one head
@@ -203,24 +197,15 @@ class MultiHeadAttention(nn.Module):
         (B, heads, Tq, Tk); True = may attend. Returns (B, Tq, d_model), plus the weights (B, heads, Tq, Tk) when
         need_weights; need_weights runs the scratch path (the fused kernel does not expose the weights).
         """
-        _check_tensor("x", x)
-        if x.dim() != 3:
-            raise ValueError(f"x must be (B, T, d_model), got shape {tuple(x.shape)} (rank {x.dim()})")
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"query last dim is {x.shape[-1]} but the module was built for d_model={self.d_model}")
+        check_features("x", x, self.d_model, "d_model")
         if context is None:
             if context_mask is not None:
                 raise ValueError("context_mask was given without a context; use mask for self-attention")
             source, key_mask, mask_name = x, mask, "mask"
         else:
-            _check_tensor("context", context)
             if mask is not None:
                 raise ValueError("mask is the self-attention mask; for cross-attention pass context_mask")
-            if context.dim() != 3:
-                raise ValueError(f"context must be (B, Tk, d_context), got shape {tuple(context.shape)}")
-            if context.shape[-1] != self.d_context:
-                raise ValueError(f"context last dim is {context.shape[-1]} but the module was built for "
-                                 f"d_context={self.d_context}")
+            check_features("context", context, self.d_context, "d_context")
             if context.shape[0] != x.shape[0]:
                 raise ValueError(f"context batch size is {context.shape[0]} but x batch size is {x.shape[0]}")
             source, key_mask, mask_name = context, context_mask, "context_mask"
@@ -294,16 +279,6 @@ class CoAttention(nn.Module):
         self.d_other = d_other  # width of x2
         self.attn_1to2 = CrossAttention(d_model, n_heads, d_context=d_other, dropout=dropout, bias=bias, impl=impl)
         self.attn_2to1 = CrossAttention(d_other, n_heads, d_context=d_model, dropout=dropout, bias=bias, impl=impl)
-
-    @property
-    def impl(self) -> str:
-        """Attention path of both directions."""
-        return self.attn_1to2.impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        self.attn_1to2.impl = value
-        self.attn_2to1.impl = value
 
     def forward(self, x1: Tensor, x2: Tensor, mask1: Tensor | None = None, mask2: Tensor | None = None,
                 need_weights: bool = False) -> tuple[Tensor, ...]:

@@ -13,20 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmlite.attention import MultiHeadAttention
+from mmlite.checks import check_activation, check_dropout, check_features, check_tensor
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # exact (erf) GELU, as torch's "gelu" string
-
-
-def _check_activation(activation: str) -> str:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return activation
-
-
-def _check_dropout(dropout: float) -> float:
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    return dropout
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # one per checks.ACTIVATION_NAMES; exact (erf) GELU, as torch's
 
 
 @torch.no_grad()
@@ -52,15 +41,6 @@ def _torch_activation(layer: nn.Module) -> str:
     raise ValueError(f"torch layer activation {act!r} has no counterpart here (gelu or relu)")
 
 
-def _check_input(name: str, x: Tensor, d: int, what: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"{name} must be (B, T, {what}), got shape {tuple(x.shape)} (rank {x.dim()})")
-    if x.shape[-1] != d:
-        raise ValueError(f"{name} last dim is {x.shape[-1]} but the block was built for {what}={d}")
-
-
 class FeedForward(nn.Module):
     """Position-wise feed-forward network: linear2(dropout(act(linear1(x)))), hidden width 4 * d_model by default."""
 
@@ -68,15 +48,14 @@ class FeedForward(nn.Module):
                  activation: str = "gelu") -> None:
         super().__init__()
         hidden = 4 * d_model if hidden is None else hidden
-        self.activation = _check_activation(activation)  # "gelu" or "relu"
+        self.activation = check_activation(activation)  # "gelu" or "relu"
         self.linear1 = nn.Linear(d_model, hidden)
-        self.dropout = nn.Dropout(_check_dropout(dropout))
+        self.dropout = nn.Dropout(check_dropout(dropout))
         self.linear2 = nn.Linear(hidden, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., d_model) -> (..., d_model)."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_tensor("x", x)
         return self.linear2(self.dropout(ACTIVATIONS[self.activation](self.linear1(x))))
 
 
@@ -101,23 +80,14 @@ class EncoderBlock(nn.Module):
         self.d_model = d_model  # token width
         self.norm1 = nn.LayerNorm(d_model)
         self.attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, impl=impl)
-        self.drop1 = nn.Dropout(_check_dropout(dropout))
+        self.drop1 = nn.Dropout(check_dropout(dropout))
         self.norm2 = nn.LayerNorm(d_model)
         self.ff = FeedForward(d_model, ff_hidden, dropout=dropout, activation=activation)
         self.drop2 = nn.Dropout(dropout)
 
-    @property
-    def impl(self) -> str:
-        """Attention path: "scratch" or "fused"."""
-        return self.attn.impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        self.attn.impl = value
-
     def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """x (B, T, d_model), mask (B, T) key mask (or (B, T, T)), True = real token -> (B, T, d_model)."""
-        _check_input("x", x, self.d_model, "d_model")
+        check_features("x", x, self.d_model, "d_model", owner="block")
         x = x + self.drop1(self.attn(self.norm1(x), mask=mask, causal=causal))
         return x + self.drop2(self.ff(self.norm2(x)))
 
@@ -142,7 +112,7 @@ class DecoderBlock(nn.Module):
         self.d_context = d_model if d_context is None else d_context  # width of the context (e.g. image tokens)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, impl=impl)
-        self.drop1 = nn.Dropout(_check_dropout(dropout))
+        self.drop1 = nn.Dropout(check_dropout(dropout))
         self.norm2 = nn.LayerNorm(d_model)
         self.cross_attn = MultiHeadAttention(d_model, n_heads, d_context=self.d_context, dropout=dropout, impl=impl)
         self.drop2 = nn.Dropout(dropout)
@@ -150,24 +120,14 @@ class DecoderBlock(nn.Module):
         self.ff = FeedForward(d_model, ff_hidden, dropout=dropout, activation=activation)
         self.drop3 = nn.Dropout(dropout)
 
-    @property
-    def impl(self) -> str:
-        """Attention path of both attentions: "scratch" or "fused"."""
-        return self.self_attn.impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        self.self_attn.impl = value
-        self.cross_attn.impl = value
-
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None,
                 context_mask: Tensor | None = None) -> Tensor:
         """x (B, T, d_model) attends causally to itself and to context (B, Tc, d_context) -> (B, T, d_model).
 
         mask (B, T) and context_mask (B, Tc) are key masks, True = real token.
         """
-        _check_input("x", x, self.d_model, "d_model")
-        _check_input("context", context, self.d_context, "d_context")
+        check_features("x", x, self.d_model, "d_model", owner="block")
+        check_features("context", context, self.d_context, "d_context", owner="block")
         x = x + self.drop1(self.self_attn(self.norm1(x), mask=mask, causal=True))
         x = x + self.drop2(self.cross_attn(self.norm2(x), context=context, context_mask=context_mask))
         return x + self.drop3(self.ff(self.norm3(x)))

@@ -18,38 +18,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmlite.attention import CoAttention
-from mmlite.blocks import FeedForward
-from mmlite.encoders.pooling import masked_mean
-
-
-def _check_tokens(name: str, x: Tensor, d: int) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"{name} must be (B, T, D), got shape {tuple(x.shape)} (rank {x.dim()})")
-    if x.shape[-1] != d:
-        raise ValueError(f"{name} last dim is {x.shape[-1]} but the fusion was built for {d}")
-
-
-def _check_mask(name: str, mask: Tensor | None, x: Tensor) -> None:
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = real token), got {getattr(mask, 'dtype', type(mask))}")
-    if tuple(mask.shape) != tuple(x.shape[:2]):
-        raise ValueError(f"{name} shape {tuple(mask.shape)} does not match the tokens' (B, T) = {tuple(x.shape[:2])}")
+from mmlite.blocks import ACTIVATIONS, FeedForward
+from mmlite.checks import check_activation, check_features, check_mask
+from mmlite.pooling import masked_mean
 
 
 def _check_pair(image_tokens: Tensor, text_tokens: Tensor, image_mask: Tensor | None, text_mask: Tensor | None,
                 d_image: int, d_text: int) -> None:
     """Raise if the tokens or masks do not match the widths the fusion was built for, or each other's batch."""
-    _check_tokens("image_tokens", image_tokens, d_image)
-    _check_tokens("text_tokens", text_tokens, d_text)
+    check_features("image_tokens", image_tokens, d_image, "d_image", owner="fusion")
+    check_features("text_tokens", text_tokens, d_text, "d_text", owner="fusion")
     if image_tokens.shape[0] != text_tokens.shape[0]:
         raise ValueError(f"image_tokens batch size is {image_tokens.shape[0]} but text_tokens batch size is "
                          f"{text_tokens.shape[0]}")
-    _check_mask("image_mask", image_mask, image_tokens)
-    _check_mask("text_mask", text_mask, text_tokens)
+    check_mask("image_mask", image_mask, image_tokens.shape[:2])
+    check_mask("text_mask", text_mask, text_tokens.shape[:2])
 
 
 def _pool_pair(image_tokens: Tensor, text_tokens: Tensor, image_mask: Tensor | None, text_mask: Tensor | None,
@@ -64,8 +47,7 @@ class ConcatFusion(nn.Module):
 
     def __init__(self, d_image: int, d_text: int, d_out: int, activation: str = "gelu") -> None:
         super().__init__()
-        if activation not in ("gelu", "relu"):
-            raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}")
+        check_activation(activation)
         self.d_image = d_image  # width of the image tokens
         self.d_text = d_text  # width of the text tokens
         self.out_dim = d_out  # width of the fused vector
@@ -76,8 +58,7 @@ class ConcatFusion(nn.Module):
                 text_mask: Tensor | None = None) -> Tensor:
         """(B, Ti, Di), (B, Tt, Dt) -> (B, d_out)."""
         h_i, h_t = _pool_pair(image_tokens, text_tokens, image_mask, text_mask, self.d_image, self.d_text)
-        act = F.gelu if self.activation == "gelu" else F.relu
-        return act(self.proj(torch.cat([h_i, h_t], dim=-1)))  # (B, Di + Dt) -> (B, d_out)
+        return ACTIVATIONS[self.activation](self.proj(torch.cat([h_i, h_t], dim=-1)))  # (B, Di + Dt) -> (B, d_out)
 
 
 class GatedFusion(nn.Module):

@@ -71,31 +71,31 @@ def cross_entropy(
 class LogitScale(nn.Module):
     """CLIP's learnable temperature: a parameter t with scale = exp(t), t_0 = ln(1/0.07) ~ 2.659.
 
-    The scale is capped at exp(max) = 100 twice over: forward returns exp(min(t, max)), so the cap holds
+    The scale is capped at exp(t_max) = 100 twice over: forward returns exp(min(t, t_max)), so the cap holds
     even if nobody clamps the parameter, and the gradient is exactly exp(t) below the cap (clamp passes
     gradients through inside its range); call `clamp_()` after each optimizer step, as open_clip does,
-    so that t itself stays in [min, max] and can move back down once it reaches the cap.
+    so that t itself stays in [t_min, t_max] and can move back down once it reaches the cap.
     """
 
     def __init__(
-        self, init: float = math.log(1 / 0.07), max: float = math.log(100.0), min: float = 0.0,
+        self, init: float = math.log(1 / 0.07), t_max: float = math.log(100.0), t_min: float = 0.0,
         learnable: bool = True,
     ) -> None:
         super().__init__()
-        if not min <= init <= max:
-            raise ValueError(f"init {init} must lie in [min, max] = [{min}, {max}]")
-        self.max = max  # upper bound of t (scale <= exp(max))
-        self.min = min  # lower bound of t used by clamp_() (scale >= exp(min))
+        if not t_min <= init <= t_max:
+            raise ValueError(f"init {init} must lie in [t_min, t_max] = [{t_min}, {t_max}]")
+        self.t_max = t_max  # upper bound of t (scale <= exp(t_max))
+        self.t_min = t_min  # lower bound of t used by clamp_() (scale >= exp(t_min))
         self.value = nn.Parameter(torch.tensor(float(init)), requires_grad=learnable)
 
     def forward(self) -> Tensor:
-        """exp(min(t, max)) as a 0-d tensor."""
-        return self.value.clamp(max=self.max).exp()
+        """exp(min(t, t_max)) as a 0-d tensor."""
+        return self.value.clamp(max=self.t_max).exp()
 
     @torch.no_grad()
     def clamp_(self) -> None:
-        """Clamp t into [min, max] in place (call after optimizer.step())."""
-        self.value.clamp_(self.min, self.max)
+        """Clamp t into [t_min, t_max] in place (call after optimizer.step())."""
+        self.value.clamp_(self.t_min, self.t_max)
 
 
 def contrastive_loss(

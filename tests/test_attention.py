@@ -258,7 +258,7 @@ def test_mha_errors_name_the_dimension():
     with pytest.raises(ValueError, match="d_model=10 is not divisible by n_heads=4"):
         MultiHeadAttention(10, 4)
     mha = MultiHeadAttention(64, 4, d_context=32)
-    with pytest.raises(ValueError, match="query last dim is 48 but the module was built for d_model=64"):
+    with pytest.raises(ValueError, match="x last dim is 48 but the module was built for d_model=64"):
         mha(torch.randn(2, 3, 48))
     with pytest.raises(ValueError, match=r"rank 2"):
         mha(torch.randn(3, 64))
@@ -289,7 +289,7 @@ def test_coattention_is_two_cross_attentions():
     torch.testing.assert_close(o1, co.attn_1to2(x1, x2, context_mask=m2), **F32)
     torch.testing.assert_close(o2, co.attn_2to1(x2, x1, context_mask=m1), **F32)
     assert (w12[0, :, :, 1:] == 0).all() and (w21[1, :, :, 2:] == 0).all()  # masked keys get no weight
-    co.impl = "fused"
+    assert set_attention_impl(co, "fused") == 2  # both directions
     f1, f2 = co(x1, x2, m1, m2)
     torch.testing.assert_close(f1, o1, **F32)
     torch.testing.assert_close(f2, o2, **F32)

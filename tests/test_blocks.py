@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmlite.attention import set_attention_impl
 from mmlite.blocks import DecoderBlock, EncoderBlock, FeedForward
 from mmlite.utils import count_parameters
 
@@ -104,8 +105,9 @@ def test_dropout_eval_deterministic_train_random():
 
 def test_impl_switch_and_copy_errors():
     blk = DecoderBlock(8, 2)
-    blk.impl = "fused"
+    assert set_attention_impl(blk, "fused") == 2  # the one call that switches a whole module tree
     assert blk.self_attn.impl == blk.cross_attn.impl == "fused"
+    assert "impl" not in vars(blk) and not hasattr(type(blk), "impl")  # no forwarding property to drift
     post_norm = torch.nn.TransformerEncoderLayer(8, 2, 32, norm_first=False, batch_first=True)
     with pytest.raises(ValueError, match="norm_first=False"):
         EncoderBlock(8, 2).copy_from_torch(post_norm)

@@ -143,3 +143,26 @@ def test_empty_out_in_an_empty_folder_is_refused_and_leaves_nothing(tmp_path, mo
     assert main(["data", "--out", ""]) == 2
     assert "--out is empty" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [], "no ..old.* or temporary folder is left"
+
+
+def test_default_out_is_where_load_looks_whatever_the_current_folder(tmp_path, monkeypatch, capsys):
+    """Run from another folder (as from chapters/), the command writes the world that load() then reads."""
+    from mmlite.data import DataConfig, cache, command, load, world_folder
+
+    monkeypatch.setitem(command.PRESETS, "tiny", DataConfig(n_train=4, n_val=2, n_test=2, n_comp=2))  # fast
+    monkeypatch.setenv("MMLITE_DATA", str(tmp_path / "store"))
+    elsewhere = tmp_path / "chapters"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["data", "--preset", "tiny", "--seed", "3"]) == 0
+    assert world_folder("tiny", 3) == tmp_path / "store" / "tiny-seed3"
+    assert (tmp_path / "store" / "tiny-seed3" / "meta.json").is_file()
+    assert list(elsewhere.iterdir()) == [], "nothing is written under the current folder"
+
+    def refuse(*_, **__):
+        raise AssertionError("load() generated the world again instead of finding the command's")
+
+    monkeypatch.setattr(cache, "generate", refuse)
+    world = load("tiny", seed=3)
+    assert [len(world[s]) for s in SPLITS] == [4, 2, 2, 2]
+    assert "tiny-seed3" in capsys.readouterr().out

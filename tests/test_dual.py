@@ -63,7 +63,7 @@ def test_training_clamps_the_logit_scale_parameter_after_every_step(world):
     tok = build_tokenizer()
     torch.manual_seed(0)
     model = DualEncoder(len(tok), d_model=16, d_embed=8, cnn_width=8)
-    cap = model.logit_scale.max  # ln 100
+    cap = model.logit_scale.t_max  # ln 100
     with torch.no_grad():
         model.logit_scale.value.fill_(cap + 0.5)  # above the cap: forward() caps it, only clamp_() moves it back
     train_dual_encoder(model, world["train"], tok, FitConfig(steps=2, lr=1e-3, warmup=0), batch_size=32)

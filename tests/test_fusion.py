@@ -158,7 +158,7 @@ def test_make_fusion_and_input_errors():
         make_fusion("gated", d_image=4, d_text=4, d_out=4, gate="tanh")
     fusion = ConcatFusion(DI, DT, DOUT)
     image, text, image_mask, text_mask = _inputs()
-    with pytest.raises(ValueError, match=f"text_tokens last dim is {DT + 1} but the fusion was built for {DT}"):
+    with pytest.raises(ValueError, match=f"text_tokens last dim is {DT + 1} but the fusion was built for d_text={DT}"):
         fusion(image, torch.randn(B, TT, DT + 1))
     with pytest.raises(ValueError, match="image_tokens batch size is 3 but text_tokens batch size is 2"):
         fusion(image, text[:2])

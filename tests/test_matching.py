@@ -162,6 +162,9 @@ def test_score_pairs_equals_one_call_per_pair_in_any_batch_size(world, tok):
         score_pairs(model, split, [0, 1], ["a star"], tok)
     with pytest.raises(ValueError, match="batch_size"):
         score_pairs(model, split, [0], ["a star"], tok, batch_size=0)
+    with pytest.raises(ValueError, match="magenta"):  # an error while scoring (a word not in the vocabulary) ...
+        score_pairs(model, split, [0], ["a magenta star"], tok)
+    assert model.training  # ... still gives the model back in training mode
 
 
 def test_schedule_warms_up_then_decays():

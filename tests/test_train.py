@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmlite.train import FitConfig, cycle, fit
+from mmlite.train import FitConfig, cycle, evaluating, fit
 
 
 class _Tiny(nn.Module):
@@ -126,3 +126,30 @@ def test_fit_checks_parameters_after_the_last_step_and_clears_gradients():
 
     with pytest.raises(FloatingPointError, match=r"\['bias'\] are not finite after the last step"):
         fit(model, cycle([x]), lambda m, b: m(b).pow(2).mean(), FitConfig(steps=1, warmup=0), after_step=poison)
+
+
+@pytest.mark.parametrize("start_training", [True, False])
+def test_evaluating_switches_to_eval_without_autograd_and_restores_the_mode(start_training):
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)).train(start_training)
+    x = torch.randn(4, 3)
+    with evaluating(model) as m:
+        assert m is model and not model.training and not model[1].training
+        assert torch.is_inference_mode_enabled()
+        y = model(x)
+        torch.testing.assert_close(model(x), y, rtol=0, atol=0)  # no dropout in eval mode
+    assert not y.requires_grad and model.training is start_training and model[1].training is start_training
+    assert not torch.is_inference_mode_enabled()
+
+
+def test_evaluating_restores_the_mode_after_an_exception():
+    model = nn.Linear(3, 3).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        with evaluating(model):
+            assert not model.training
+            raise RuntimeError("boom")
+    assert model.training and not torch.is_inference_mode_enabled()
+    model.eval()
+    with pytest.raises(ValueError):
+        with evaluating(model):
+            raise ValueError("inside")
+    assert not model.training  # an eval-mode model stays in eval mode

@@ -78,6 +78,11 @@ def world_name(preset: str, seed: int, image_size: int | None = None) -> str:
     return f"{preset}-seed{seed}" + ("" if image_size in (None, default) else f"-size{image_size}")
 
 
+def world_folder(preset: str, seed: int, image_size: int | None = None, root: str | Path | None = None) -> Path:
+    """Where load() and `python -m mmlite data` keep a world: cache_root(root) / world_name(preset, seed, size)."""
+    return cache_root(root) / world_name(preset, seed, image_size)
+
+
 def save_world(world: dict[str, Split], config: DataConfig, seed: int, folder: str | Path,
                extra: dict[str, bytes] | None = None) -> Path:
     """Write a world (and `extra` files: name -> bytes) to `folder`, replacing an earlier world there."""
@@ -209,7 +214,7 @@ def load(preset: str = "tiny", seed: int = 0, root: str | Path | None = None,
          image_size: int | None = None) -> dict[str, Split]:
     """The splits of a preset: read from the cache, or generated and cached the first time (silently).
 
-    The world lives in cache_root(root) / world_name(preset, seed, image_size). A cache written by
+    The world lives in world_folder(preset, seed, image_size, root). A cache written by
     another version of the generator code is generated again; a damaged one raises ValueError.
     """
     if preset not in PRESETS:
@@ -217,7 +222,7 @@ def load(preset: str = "tiny", seed: int = 0, root: str | Path | None = None,
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     config = PRESETS[preset] if image_size is None else PRESETS[preset].replace(image_size=image_size)
-    folder = cache_root(root) / world_name(preset, seed, image_size)
+    folder = world_folder(preset, seed, image_size, root)
     if folder.exists():
         try:
             current = json.loads((folder / "meta.json").read_bytes()).get("generator") == generator_fingerprint()

@@ -7,12 +7,11 @@ import io
 import json
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 
 from mmlite.cli import check_output_path
-from mmlite.data.cache import save_world, world_name
+from mmlite.data.cache import save_world, world_folder
 from mmlite.data.config import PRESETS
 from mmlite.data.dataset import vocabulary
 from mmlite.data.questions import ANSWERS
@@ -51,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
             PRESETS[args.preset].replace(image_size=args.image_size)
     except (TypeError, ValueError) as err:
         raise ValueError(f"--image-size: {err}") from None
-    out = args.out if args.out is not None else \
-        Path("data") / "cache" / world_name(args.preset, args.seed, args.image_size)
+    # by default the world goes where load() looks for it ($MMLITE_DATA, else the repository), whatever the cwd
+    out = args.out if args.out is not None else world_folder(args.preset, args.seed, args.image_size)
     out = check_output_path(out, "--out", folder=True)  # before generating anything
     if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
         raise ValueError(f"--out {out} is a folder that holds other files; choose an empty or new folder")

@@ -122,10 +122,6 @@ class EpochSampler(Sampler):
     def __init__(self, n: int, shuffle: bool, seed: int = 0) -> None:
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next pass epoch `epoch` (to resume a run)."""
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return self.n
 

@@ -299,9 +299,3 @@ def negative_specs(objs: list[Obj], d: Draw, captions: list[tuple], margin: int,
                 out.append((d.choice(edits), kind, source))
                 break
     return out
-
-
-def is_true(spec: tuple, objs: list[Obj], margin: int) -> bool | None:
-    """Truth of a caption spec for a scene."""
-    return truth(claims(spec), objs, margin)
-

@@ -17,12 +17,13 @@ from mmlite.data.world import COLORS, NUMBERS, SHAPES, SIZES, names_held_out
 QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "size", "count", "exist", "relation")
 ANSWERS: tuple[str, ...] = ("no", "yes") + COLORS + SHAPES + SIZES + NUMBERS
 
-T, F = True, False
-_COLOR_FREE = ((T, F, F), (T, F, T), (F, F, T))  # refs that do not name the colour: "the small circle"
-_SHAPE_FREE = ((F, T, F), (F, T, T), (F, F, T))  # "the red object", "the large shape"
-_SIZE_FREE = ((T, F, F), (T, T, F), (F, T, F))  # "the circle", "the red circle", "the red shape"
-_SHAPED = ((T, F, F), (T, F, T), (T, T, F), (T, T, T))  # refs that name the shape
-_EXIST_FORMS = ((T, T, F), (T, F, F), (F, T, F), (T, F, T), (T, T, T))
+# A reference is (names the shape, names the colour, names the size):
+_COLOR_FREE = ((True, False, False), (True, False, True), (False, False, True))  # "the small circle": no colour
+_SHAPE_FREE = ((False, True, False), (False, True, True), (False, False, True))  # "the red object", "the large shape"
+_SIZE_FREE = ((True, False, False), (True, True, False), (False, True, False))  # "the circle", "the red shape"
+_SHAPED = ((True, False, False), (True, False, True), (True, True, False), (True, True, True))  # names the shape
+_EXIST_FORMS = ((True, True, False), (True, False, False), (False, True, False), (True, False, True),
+                (True, True, True))
 
 
 def _target_yes(balance: dict[str, int], qtype: str, d: Draw) -> bool:

@@ -44,8 +44,7 @@ def matches(o: Obj, f: Filter) -> bool:
 
 def count(objs: list[Obj], f: Filter) -> int:
     """Number of objects matching `f`."""
-    s, c, z = f
-    return sum(1 for o in objs if (s is None or o[0] == s) and (c is None or o[1] == c) and (z is None or o[2] == z))
+    return sum(1 for o in objs if matches(o, f))
 
 
 def relation(a: Obj, b: Obj, rel: int, margin: int) -> bool | None:

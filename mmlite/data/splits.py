@@ -19,8 +19,9 @@ import numpy as np
 from mmlite.data.config import MAX_OBJECTS, DataConfig
 from mmlite.data.grammar import Draw, caption_specs, negative_specs, render
 from mmlite.data.questions import questions_for
+from mmlite.data.render import render_scenes
 from mmlite.data.semantics import scene_list
-from mmlite.data.world import COLORS, FIELDS, SHAPES, SIZES, VALID, make_scenes
+from mmlite.data.world import COLORS, FIELDS, SHAPES, SIZES, VALID, place_objects, sample_attributes
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +63,26 @@ class Split:
         """Readable objects of image i: [{"shape": "circle", "color": "red", "size": "small", "x": 31, "y": 70}]."""
         return [{"shape": SHAPES[o[0]], "color": COLORS[o[1]], "size": SIZES[o[2]], "x": o[3], "y": o[4]}
                 for o in self.objects[i].tolist() if o[VALID] == 1]
+
+
+def make_scenes(n: int, config: DataConfig, rng: np.random.Generator, comp: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Sample n scenes and render them: (objects (n, MAX_OBJECTS, 6) int64, images (n, H, W, 3) uint8).
+
+    Scenes where an object keeps less than config.min_visible of its area are placed and
+    rendered again until none is left.
+    """
+    objects = place_objects(sample_attributes(n, config, rng, comp=comp), rng)
+    images, visible = render_scenes(objects, config.image_size, rng, color_jitter=config.color_jitter,
+                                    return_visibility=True)
+    for _ in range(1000):
+        bad = np.flatnonzero(visible.min(axis=1) < config.min_visible)
+        if len(bad) == 0:
+            return objects, images
+        objects[bad] = place_objects(objects[bad], rng)
+        images[bad], visible[bad] = render_scenes(objects[bad], config.image_size, rng,
+                                                  color_jitter=config.color_jitter, return_visibility=True)
+    raise RuntimeError("could not meet DataConfig.min_visible; lower it or max_objects")
 
 
 def _chunk_seeds(seed: int, split_index: int, chunk_index: int) -> tuple[np.random.Generator, np.random.Generator]:

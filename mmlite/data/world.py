@@ -93,7 +93,7 @@ def place_objects(objects: np.ndarray, rng: np.random.Generator, candidates: int
     Objects are placed one slot at a time; each takes the first of `candidates` random positions
     whose centre lies at least max(r_i, r_j) + min(r_i, r_j) / 2 from every earlier centre
     (r = circumscribed radius). Scenes where no candidate fits are placed again from scratch.
-    The pixel-exact occlusion cap is enforced afterwards, by `make_scenes`.
+    The pixel-exact occlusion cap is enforced afterwards, by `splits.make_scenes`.
     """
     objects = objects.copy()
     todo = np.arange(len(objects))
@@ -122,25 +122,3 @@ def place_objects(objects: np.ndarray, rng: np.random.Generator, candidates: int
         objects[todo[ok]] = sub[ok]
         todo = todo[~ok]
     raise RuntimeError(f"could not place the objects of {len(todo)} scenes without overlap")
-
-
-def make_scenes(n: int, config: DataConfig, rng: np.random.Generator, comp: bool = False
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Sample n scenes and render them: (objects (n, MAX_OBJECTS, 6) int64, images (n, H, W, 3) uint8).
-
-    Scenes where an object keeps less than config.min_visible of its area are placed and
-    rendered again until none is left.
-    """
-    from mmlite.data.render import render_scenes  # render imports this module's tables
-
-    objects = place_objects(sample_attributes(n, config, rng, comp=comp), rng)
-    images, visible = render_scenes(objects, config.image_size, rng, color_jitter=config.color_jitter,
-                                    return_visibility=True)
-    for _ in range(1000):
-        bad = np.flatnonzero(visible.min(axis=1) < config.min_visible)
-        if len(bad) == 0:
-            return objects, images
-        objects[bad] = place_objects(objects[bad], rng)
-        images[bad], visible[bad] = render_scenes(objects[bad], config.image_size, rng,
-                                                  color_jitter=config.color_jitter, return_visibility=True)
-    raise RuntimeError("could not meet DataConfig.min_visible; lower it or max_objects")

@@ -2,7 +2,7 @@
 
 from mmlite.encoders.cnn import CNNEncoder
 from mmlite.encoders.gru import GRU, gru_cell
-from mmlite.encoders.pooling import cls_pool, last_token_pool, masked_mean
+from mmlite.pooling import cls_pool, last_token_pool, masked_mean
 from mmlite.encoders.text import GRUTextEncoder, TransformerTextEncoder
 from mmlite.encoders.vit import PatchEmbedding, ViTEncoder
 

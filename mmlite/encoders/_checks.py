@@ -1,15 +1,16 @@
-"""Input checks shared by the image and text encoders (chapter 3)."""
+"""Input checks of the image and text encoders: images, token ids (chapter 3); the generic ones are mmlite.checks."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from mmlite.checks import check_mask, check_tensor
+
 
 def check_images(images: Tensor, in_channels: int, name: str = "images") -> None:
     """Raise unless `images` is a float (B, C, H, W) tensor with C == in_channels."""
-    if not isinstance(images, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    check_tensor(name, images)
     if images.dim() != 4:
         raise ValueError(f"{name} must be (B, C, H, W), got {images.dim()} dims with shape {tuple(images.shape)}")
     if not images.is_floating_point():
@@ -22,8 +23,7 @@ def check_images(images: Tensor, in_channels: int, name: str = "images") -> None
 
 def check_ids_and_mask(ids: Tensor, mask: Tensor | None, vocab_size: int, pad_id: int) -> Tensor:
     """Validate token ids (B, T) long in [0, vocab_size) and the mask; return the mask (ids != pad_id if None)."""
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+    check_tensor("ids", ids)
     if ids.dim() != 2:
         raise ValueError(f"ids must be (B, T), got {ids.dim()} dims with shape {tuple(ids.shape)}")
     if ids.dtype != torch.long:
@@ -35,10 +35,4 @@ def check_ids_and_mask(ids: Tensor, mask: Tensor | None, vocab_size: int, pad_id
             raise ValueError(f"ids contain token id {bad}, outside [0, vocab_size={vocab_size})")
     if mask is None:
         return ids != pad_id
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = real token), got dtype {mask.dtype}")
-    if mask.shape != ids.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match ids shape {tuple(ids.shape)}")
-    return mask
+    return check_mask("mask", mask, ids.shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mmlite.encoders._checks import check_images
-from mmlite.encoders.pooling import masked_mean
+from mmlite.pooling import masked_mean
 
 NORMS = ("batch", "group", "none")
 

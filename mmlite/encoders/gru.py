@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmlite.checks import check_dropout, check_mask, check_tensor
+
 
 def gru_cell(
     gi: Tensor, h: Tensor, weight_hh: Tensor, bias_hh: Tensor | None
@@ -53,8 +55,7 @@ class GRU(nn.Module):
                 f"input_size, hidden_size and num_layers must be positive, got "
                 f"{input_size}, {hidden_size}, {num_layers}"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -100,8 +101,8 @@ class GRU(nn.Module):
     def _check_inputs(self, x: Tensor, h0: Tensor | None, mask: Tensor | None) -> None:
         """Raise with the offending argument and dimension when the inputs do not fit."""
         for name, t in (("x", x), ("h0", h0), ("mask", mask)):
-            if t is not None and not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t is not None:
+                check_tensor(name, t)
         if x.dim() != 3:
             raise ValueError(f"x must be 3-D (B, T, input_size) with batch_first, got shape {tuple(x.shape)}")
         if x.shape[-1] != self.input_size:
@@ -114,11 +115,7 @@ class GRU(nn.Module):
                 f"h0 shape {tuple(h0.shape)} should be (num_layers, B, hidden_size) = "
                 f"{(self.num_layers, b, self.hidden_size)}"
             )
-        if mask is not None:
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor (True = real step), got dtype {mask.dtype}")
-            if mask.shape != (b, t):
-                raise ValueError(f"mask shape {tuple(mask.shape)} should be (B, T) = {(b, t)}")
+        check_mask("mask", mask, (b, t))
 
     def forward(
         self, x: Tensor, h0: Tensor | None = None, mask: Tensor | None = None
@@ -128,8 +125,7 @@ class GRU(nn.Module):
         Returns out: (B, T, H) (the last layer's states, zero at masked steps) and h_n: (L, B, H).
         An empty sequence (T = 0) gives out (B, 0, H) and h_n = h0.
         """
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_tensor("x", x)
         if not self.batch_first and x.dim() == 3:
             x = x.transpose(0, 1)  # (B, T, I)
         self._check_inputs(x, h0, mask)

@@ -6,27 +6,20 @@ import torch
 from torch import Tensor, nn
 
 from mmlite.blocks import EncoderBlock
+from mmlite.checks import check_features, check_mask
 from mmlite.encoders._checks import check_ids_and_mask
 from mmlite.encoders.gru import GRU
-from mmlite.encoders.pooling import last_token_pool, masked_mean
+from mmlite.pooling import last_token_pool, masked_mean
 
 TEXT_POOLS = ("cls", "first", "mean", "last", "none")
 
 
-def _check_embeddings(x: Tensor, mask: Tensor | None, d: int) -> Tensor:
+def _check_embeddings(x: Tensor, mask: Tensor | None, d: int, what: str) -> Tensor:
     """Validate (B, T, d) embeddings and a (B, T) bool mask; return the mask (all True if None)."""
-    for name, t in (("embeddings", x), ("mask", mask)):
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 3 or x.shape[-1] != d:
-        raise ValueError(f"embeddings shape {tuple(x.shape)} should be (B, T, {d})")
+    check_features("embeddings", x, d, what)
     if mask is None:
         return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-    if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
-        raise ValueError(
-            f"mask must be a bool (B, T) = {tuple(x.shape[:2])} tensor, got {mask.dtype} {tuple(mask.shape)}"
-        )
-    return mask
+    return check_mask("mask", mask, x.shape[:2])
 
 
 class GRUTextEncoder(nn.Module):
@@ -55,7 +48,7 @@ class GRUTextEncoder(nn.Module):
 
     def encode_embeddings(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Run the GRU on given embeddings (e.g. with a soft prompt inserted): (B, T, d_embed) -> tokens, pooled."""
-        mask = _check_embeddings(x, mask, self.d_embed)
+        mask = _check_embeddings(x, mask, self.d_embed, "d_embed")
         out, h_n = self.gru(x, mask=mask)  # (B, T, d_model), (L, B, d_model)
         return out, h_n[-1]
 
@@ -123,7 +116,7 @@ class TransformerTextEncoder(nn.Module):
 
     def encode_embeddings(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Add positions and run the blocks on token embeddings (B, T, D) -> (tokens (B, T, D), pooled)."""
-        mask = _check_embeddings(x, mask, self.d_model)
+        mask = _check_embeddings(x, mask, self.d_model, "d_model")
         b, t = x.shape[0], x.shape[1]
         if t > self.max_len:
             raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}")

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from mmlite.blocks import EncoderBlock
 from mmlite.encoders._checks import check_images
-from mmlite.encoders.pooling import masked_mean
+from mmlite.pooling import masked_mean
 
 POOLS = ("cls", "mean")
 

@@ -11,6 +11,7 @@ from mmlite.alignment import AlignmentHead
 from mmlite.encoders import CNNEncoder, GRUTextEncoder
 from mmlite.objectives import LogitScale, contrastive_loss
 from mmlite.text import Tokenizer
+from mmlite.train.modes import evaluating
 
 if TYPE_CHECKING:
     from mmlite.data import Split
@@ -64,18 +65,16 @@ def train_dual_encoder(model: DualEncoder, split: "Split", tokenizer: Tokenizer,
     return fit(model, cycle(loader), dual_loss, cfg, after_step=lambda m: m.logit_scale.clamp_())
 
 
-@torch.no_grad()
 def embed_split(model: DualEncoder, split: "Split", tokenizer: Tokenizer, caption: int = 0,
                 batch_size: int = 500) -> tuple[Tensor, Tensor]:
     """Unit embeddings of every image of a split and of its caption number `caption`: ((N, d), (N, d)) on the CPU."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     z_i, z_t = [], []
-    for start in range(0, len(split), batch_size):
-        rows = list(range(start, min(start + batch_size, len(split))))
-        ids, mask = tokenizer.encode_batch([split.captions[i][caption] for i in rows], add_bos_eos=True, strict=True)
-        z_i.append(model.encode_image(split.image_tensor(rows).to(device)).cpu())
-        z_t.append(model.encode_text(ids.to(device), mask.to(device)).cpu())
-    model.train(was_training)
+    with evaluating(model):  # eval mode and no autograd; the previous mode comes back even after an error
+        for start in range(0, len(split), batch_size):
+            rows = list(range(start, min(start + batch_size, len(split))))
+            ids, mask = tokenizer.encode_batch([split.captions[i][caption] for i in rows], add_bos_eos=True,
+                                               strict=True)
+            z_i.append(model.encode_image(split.image_tensor(rows).to(device)).cpu())
+            z_t.append(model.encode_text(ids.to(device), mask.to(device)).cpu())
     return torch.cat(z_i), torch.cat(z_t)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from mmlite.encoders import CNNEncoder, GRUTextEncoder, TransformerTextEncoder, ViTEncoder
 from mmlite.fusion import FUSIONS, make_fusion
 from mmlite.text import Tokenizer
+from mmlite.train.modes import evaluating
 
 if TYPE_CHECKING:
     from mmlite.data import Split
@@ -161,7 +162,6 @@ def matching_pairs(batch: dict[str, Tensor], tokenizer: Tokenizer, generator: to
     }
 
 
-@torch.no_grad()
 def score_pairs(model: MatchingModel, split: "Split", owners: Sequence[int], texts: Sequence[str], tokenizer: Tokenizer,
                 batch_size: int = 256, device: torch.device | str = "cpu") -> Tensor:
     """P(match) of each (image owners[k] of `split`, texts[k]) pair, in batches, without gradients: (len(texts),)."""
@@ -169,16 +169,13 @@ def score_pairs(model: MatchingModel, split: "Split", owners: Sequence[int], tex
         raise ValueError(f"got {len(owners)} image indices but {len(texts)} texts")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
     probs = [torch.zeros(0)]
-    with torch.no_grad():
+    with evaluating(model):  # eval mode and no autograd; the previous mode comes back even after an error
         for start in range(0, len(texts), batch_size):
             rows = list(owners[start:start + batch_size])
             ids, mask = tokenizer.encode_batch(list(texts[start:start + batch_size]), add_bos_eos=True, strict=True)
             images = split.image_tensor(rows).to(device)  # (b, 3, H, W)
             probs.append(model.match_probability(images, ids.to(device), mask.to(device)).float().cpu())
-    model.train(was_training)
     return torch.cat(probs)
 
 
@@ -198,8 +195,6 @@ def evaluate_matching(model: MatchingModel, split: "Split", tokenizer: Tokenizer
     """
     from mmlite.data import NEGATIVE_KINDS, caption_truth
 
-    was_training = model.training
-    model.eval()
     n = len(split)
     if len(split.negative_sources) != n:
         raise ValueError(f"split {split.name!r} has no negative_sources (a world cached by older code?)")
@@ -212,7 +207,7 @@ def evaluate_matching(model: MatchingModel, split: "Split", tokenizer: Tokenizer
         for (caption, kind), source in zip(split.negatives[i], split.negative_sources[i]):
             texts.append(caption); owners.append(i); groups.append(kind)
             texts.append(source); owners.append(i); groups.append("source")
-    p = score_pairs(model, split, owners, texts, tokenizer, batch_size, device)
+    p = score_pairs(model, split, owners, texts, tokenizer, batch_size, device)  # in eval mode, restored after
     is_group = {g: torch.tensor([x == g for x in groups]) for g in ["positive", "easy", *NEGATIVE_KINDS]}
     result = {"positive": (p[is_group["positive"]] > 0.5).float().mean().item(),
               "easy": (p[is_group["easy"]] <= 0.5).float().mean().item()}
@@ -227,7 +222,6 @@ def evaluate_matching(model: MatchingModel, split: "Split", tokenizer: Tokenizer
             result[f"binding/{kind}"] = (p_source > p[sel]).float().mean().item()
     result["hard"] = (p[hard] <= 0.5).float().mean().item()
     result["n_images"] = float(n)
-    model.train(was_training)
     return result
 
 

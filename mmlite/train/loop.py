@@ -11,14 +11,14 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from mmlite.adapt import param_groups
+from mmlite.train.groups import param_groups
 
 
 @dataclass
 class FitConfig:
     steps: int = 300  # optimizer steps
     lr: float = 2e-3  # peak learning rate
-    weight_decay: float = 0.01  # AdamW decay (not on biases, norms, embeddings: see mmlite.adapt.param_groups)
+    weight_decay: float = 0.01  # AdamW decay (not on biases, norms, embeddings: see mmlite.train.param_groups)
     warmup: int = 20  # linear warm-up steps before the cosine decay
     min_lr_ratio: float = 0.05  # the cosine ends at lr * min_lr_ratio
     grad_clip: float | None = 1.0  # max global gradient norm (None = no clipping)

@@ -1,24 +1,20 @@
-"""Pooling a token sequence into one vector: masked mean, class token, last real token (derived in chapter 3)."""
+"""Pooling a token sequence into one vector: masked mean, class token, last real token (derived in chapter 3).
+
+Used by the encoders and the fusions alike, so it sits below both.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from mmlite.checks import check_features, check_mask
+
 
 def _check_tokens_and_mask(x: Tensor, mask: Tensor | None) -> None:
     """Raise if `x` is not (B, T, D) or `mask` is not a bool (B, T) tensor matching it."""
-    for name, t in (("x", x), ("mask", mask)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"x must be (B, T, D), got {x.dim()} dims with shape {tuple(x.shape)}")
-    if mask is None:
-        return
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = real token), got dtype {mask.dtype}")
-    if mask.shape != x.shape[:2]:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match x's (B, T) = {tuple(x.shape[:2])}")
+    check_features("x", x)
+    check_mask("mask", mask, x.shape[:2])
 
 
 def masked_mean(x: Tensor, mask: Tensor | None = None) -> Tensor:
