@@ -1,9 +1,11 @@
-"""The command line: `python -m mmlite data | bench | book` (each subcommand lives with its module)."""
+"""The command line: `python -m mmlite data | bench | sweep | book` (each subcommand lives with its module)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 
 def _non_negative_int(text: str) -> int:
@@ -23,6 +25,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def check_output_path(path: str | Path, option: str, folder: bool) -> Path:
+    """Raise ValueError (naming `option`) before any work when `path` cannot be written: empty, below a file,
+    in a folder we may not write, or a folder where a file is wanted (folder=False) or vice versa."""
+    if not str(path).strip():
+        raise ValueError(f"{option} is empty; give a {'folder' if folder else 'file'} path")
+    out = Path(path)
+    if out.name in ("", ".", ".."):
+        raise ValueError(f"{option} {str(path)!r} must end in a {'folder' if folder else 'file'} name")
+    if folder and out.is_file():
+        raise ValueError(f"{option} {out} is an existing file, not a folder")
+    if not folder and out.is_dir():
+        raise ValueError(f"{option} {out} is an existing folder, not a file")
+    for parent in out.absolute().parents:  # the nearest existing ancestor must be a folder we can write in
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {out}: {parent} is a file, so nothing can be created below it")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{option} {out}: no permission to create anything in {parent}")
+            break
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mmlite",
@@ -35,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size preset (default: tiny)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="generator seed (default: 0)")
     p.add_argument("--out", default=None,
-                   help="output folder (default: data/cache/<preset>-seed<seed>, with -size<N> for a non-default size)")
+                   help="output folder (default: $MMLITE_DATA, else <repository>/data/cache, then <preset>-seed<seed>[-size<N>])")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="image side in pixels (default: the preset's, 32)")
 
@@ -43,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default: cpu)")
     p.add_argument("--out", default="runs/bench.json", help="where to write the figures (JSON)")
+
+    p = sub.add_parser("sweep", help="train the chapters' matching recipe over variants and seeds, store the results")
+    p.add_argument("--out", default="data/sweeps/matching.json", help="JSON file to write (default: %(default)s)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="variants to run with each of --steps (default: the chapters' plan)")
+    p.add_argument("--steps", type=_positive_int, nargs="+", default=[300], help="steps per run, with --variants")
+    p.add_argument("--seeds", type=_non_negative_int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="runs at a time, one thread each (default: 2)")
 
     p = sub.add_parser("book", help="re-sync chapter pairs (.py -> .ipynb) and re-execute them in place")
     p.add_argument("chapters", nargs="*",
@@ -69,12 +101,17 @@ def main(argv: list[str] | None = None) -> int:
             from mmlite.data.command import run
         elif args.command == "bench":
             from mmlite.bench import run
+        elif args.command == "sweep":
+            from mmlite.sweep import run
         else:  # book
             from mmlite.book import run
         return run(args) or 0
     except ValueError as err:  # bad values the parser could not see: one clear line, no traceback
         print(f"python -m mmlite {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the file system refused (full disk, permissions, ...): one line too
+        print(f"python -m mmlite {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
