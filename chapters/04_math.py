@@ -15,7 +15,7 @@
 # the level of "the gradient of $\mathbf{w}^\top\mathbf{x}$ is $\mathbf{x}$"; a little probability
 # (expectation, variance, independence).
 #
-# **Run time:** about 3 min on 2 CPU cores (most of it training three matching models in 4.3).
+# **Run time:** about 3 min on 2 idle CPU cores (155 s measured; most of it training four matching models in 4.3).
 
 # %%
 import dataclasses
@@ -38,10 +38,10 @@ from mmlite.data import (COLOR_RGB, COLORS, FIELDS, HELD_OUT_PAIRS, MAX_OBJECTS,
                          build_tokenizer, load)
 from mmlite.data.grammar import Draw, caption_specs, negative_specs, render
 from mmlite.data.semantics import scene_list
-from mmlite.models import MatchingConfig, MatchingModel, evaluate_matching, score_pairs, train_matching
+from mmlite.models import MatchingConfig, MatchingModel, evaluate_matching, score_pairs
 from mmlite.numpy_attention import cross_attention_backward, cross_attention_forward, finite_difference, softmax
 from mmlite.objectives import contrastive_loss, cross_entropy
-from mmlite.train import FitConfig
+from mmlite.utils import run_seed
 
 device = mmlite.utils.setup(seed=0, threads=2)
 world = load("tiny", seed=0)
@@ -275,7 +275,8 @@ plt.show()
 
 # %% [markdown]
 # Both runs minimise the empirical risk: the training loss falls steadily, as it does for gradient descent with a
-# small enough step on this convex objective. Only one of them learns the task. With pooled pixels, each colour word
+# small enough step on this convex objective. Only one of them generalises well: pooled pixels end at a validation
+# accuracy of about 0.72 (the table), the colour histogram above 0.95. With pooled pixels, each colour word
 # has its own 192 weights but only about 330 training questions, and "red somewhere" is not a linear function of
 # where the red pixels fall: the validation loss turns up after a few dozen steps and the gap to the training loss
 # keeps growing, the textbook picture of **overfitting**. With the colour histogram, the same six linear models see
@@ -439,28 +440,38 @@ print(f"from-scratch NumPy layer == mmlite fusion layer: image {hi.shape}, text 
 # so $\mathrm{Var}(q_i k_i) = 1$; for $i \ne j$ the covariance $\mathbb{E}[q_ik_iq_jk_j] - 0 =
 # \mathbb{E}[q_i]\mathbb{E}[k_i]\mathbb{E}[q_j]\mathbb{E}[k_j] = 0$, and variances of uncorrelated terms add:
 # $\mathrm{Var}(q\cdot k) = d_k$. The raw score's standard deviation grows like $\sqrt{d_k}$ (8 for $d_k = 64$),
-# and dividing by $\sqrt{d_k}$ brings it back to 1 for every width. The derivation in sympy, first with the
-# moments as symbols (only independence is used), then one term checked by `sympy.stats` with a normal
-# distribution:
+# and dividing by $\sqrt{d_k}$ brings it back to 1 for every width. The derivation in `sympy.stats`, from the
+# distributions alone: $q$ and $k$ are vectors of independent normal random variables (standard deviations
+# $\sigma_q$, $\sigma_k$ kept as symbols); sympy computes the variance of one term $q_ik_i$ and the covariance of
+# two, the variance of the sum follows as $\sum_i \mathrm{Var}(q_ik_i) + 2\sum_{i<j}\mathrm{Cov}(q_ik_i, q_jk_j)$,
+# and the result is checked against the exact variance of the whole dot product that sympy computes for
+# $d_k = 1, 2, 3$:
 
 # %%
-m_q, m_k, s_q, s_k = sp.symbols("mu_q mu_k sigma_q sigma_k", real=True)  # means and standard deviations
-second_q, second_k = s_q**2 + m_q**2, s_k**2 + m_k**2  # E[q^2], E[k^2]
-var_term = second_q * second_k - (m_q * m_k) ** 2  # Var(q_i k_i) = E[q^2]E[k^2] - (E[q]E[k])^2 (independence)
-cov_terms = (m_q * m_k) ** 2 - (m_q * m_k) ** 2  # E[q_i k_i q_j k_j] - E[q_i k_i] E[q_j k_j], i != j
-unit = {m_q: 0, m_k: 0, s_q: 1, s_k: 1}
+from sympy.stats import Normal, covariance, variance  # noqa: E402
+
+s_q, s_k = sp.symbols("sigma_q sigma_k", positive=True)  # standard deviations of the components
 i = sp.symbols("i", integer=True, positive=True)
-var_dot = sp.summation(var_term.subs(unit), (i, 1, d_k)) + cov_terms  # d_k equal terms, no covariance
-assert sp.simplify(var_term.subs({m_q: 0, m_k: 0}) - s_q**2 * s_k**2) == 0
-assert sp.simplify(var_dot - d_k) == 0 and sp.simplify(var_dot / sp.sqrt(d_k) ** 2 - 1) == 0
-show(r"\mathrm{Var}(q\cdot k)", var_dot)
-show(r"\mathrm{Var}\big(q\cdot k/\sqrt{d_k}\big)", sp.simplify(var_dot / sp.sqrt(d_k) ** 2))
 
-from sympy.stats import E as expect, Normal, variance  # noqa: E402
 
-q_n, k_n = Normal("q", 0, 1), Normal("k", 0, 1)
-assert expect(q_n * k_n) == 0 and sp.simplify(variance(q_n * k_n)) == 1
-print("sympy.stats, q, k ~ N(0, 1) independent: E[qk] = 0, Var(qk) = 1")
+def normal_vectors(d: int, mean_q=0, mean_k=0) -> tuple[list, list]:
+    """q and k in R^d with independent normal components N(mean_q, s_q^2) and N(mean_k, s_k^2)."""
+    return ([Normal(f"q_{j}", mean_q, s_q) for j in range(d)], [Normal(f"k_{j}", mean_k, s_k) for j in range(d)])
+
+
+q_vec, k_vec = normal_vectors(2)
+var_term = sp.simplify(variance(q_vec[0] * k_vec[0]))  # Var(q_i k_i), from the distributions
+cov_term = sp.simplify(covariance(q_vec[0] * k_vec[0], q_vec[1] * k_vec[1]))  # Cov(q_i k_i, q_j k_j), i != j
+var_dot = sp.summation(var_term, (i, 1, d_k)) + 2 * sp.binomial(d_k, 2) * cov_term  # Var of a sum of d_k terms
+for d in (1, 2, 3):  # the exact variance of the whole dot product, computed by sympy.stats
+    q_d, k_d = normal_vectors(d)
+    assert sp.simplify(variance(sum(a * b for a, b in zip(q_d, k_d))) - var_dot.subs(d_k, d)) == 0, d
+unit = {s_q: 1, s_k: 1}
+assert sp.simplify(var_dot.subs(unit) - d_k) == 0 and sp.simplify(var_dot.subs(unit) / d_k - 1) == 0
+show(r"\mathrm{Var}(q_ik_i)", var_term)
+show(r"\mathrm{Cov}(q_ik_i,\ q_jk_j)", cov_term)
+show(r"\mathrm{Var}(q\cdot k)", sp.simplify(var_dot))
+show(r"\mathrm{Var}\big(q\cdot k/\sqrt{d_k}\big)\big|_{\sigma_q = \sigma_k = 1}", sp.simplify(var_dot.subs(unit) / d_k))
 
 # %% [markdown]
 # A simulation agrees (4000 query/key pairs per width, unit-normal components):
@@ -521,7 +532,7 @@ plt.show()
 
 # %% [markdown]
 # Without the scale, at $d_k = 64$ (the width of the model in 4.3) the largest weight already averages above
-# 0.7 and the Jacobian has lost about two thirds of its size; at $d_k = 1024$ attention is essentially an argmax
+# 0.7 and the Jacobian has lost about 40 % of its size (0.183 against 0.304); at $d_k = 1024$ attention is essentially an argmax
 # with a vanishing gradient. With the scale, both stay where they were at $d_k = 4$.
 #
 # ### The softmax Jacobian
@@ -722,6 +733,23 @@ for tau in (0.01, 0.07, 1.0):
     idx = int(np.argmin(np.abs(np.log(taus / tau))))
     print(f"{taus[idx]:6.3f} {grad_norm[idx]:8.3f} {hardest_share[idx]:23.3f}")
 assert hardest_share[0] > 0.6 and hardest_share[-1] < 0.06 and np.all(np.diff(hardest_share) < 0)
+peak = taus[int(np.argmax(grad_norm))]
+# where the gradient goes at tau = 0.01: every image here already ranks its own text first (and every text its
+# image); what is left comes from the rows and columns whose margin (own cosine minus the best wrong one) is smallest
+cos.grad = None
+S_small = cos / 0.01
+(0.5 * (cross_entropy(S_small, labels) + cross_entropy(S_small.T, labels))).backward()
+c = cos.detach()
+others = c.masked_fill(~off_diag, -2.0)  # the wrong pairs only
+margin_row, margin_col = c.diag() - others.max(1).values, c.diag() - others.max(0).values  # (32,) each
+closest = torch.zeros(32, 32, dtype=torch.bool)
+closest[margin_row.argsort()[:3]] = True  # the 3 images with the smallest margins ...
+closest[:, margin_col.argsort()[:3]] = True  # ... and the 3 texts
+mass = cos.grad.abs()
+on_closest = (mass * closest).sum() / mass.sum()
+print(f"|dL/dC| peaks at tau = {peak:.2f}; at tau = 0.01 all {int((margin_row > 0).sum())} images rank their own "
+      f"text first, and the 3 images and 3 texts with the smallest margins carry {on_closest:.3f} of the gradient")
+assert 0.05 < peak < 1.0 and grad_norm[int(np.argmin(np.abs(taus - 0.01)))] < 0.1 * max(grad_norm) and on_closest > 0.95
 
 fig, axes = plt.subplots(1, 2, figsize=(9, 3))
 axes[0].plot(taus, grad_norm, marker=".")
@@ -739,11 +767,17 @@ plt.show()
 
 # %% [markdown]
 # Temperature is a dial between two behaviours. At large $\tau$ the softmax is nearly uniform: every negative is
-# pushed equally and weakly, and the gradient, scaled by $1/\tau$, is small. As $\tau$ falls the push
-# concentrates on the few negatives that are closest to the positive (at $\tau = 0.01$, most of it goes to one
-# text per row): the loss does **hard-negative mining** by itself. Too small and only the single nearest
-# mistake is ever corrected, and the $1/\tau$ factor makes steps large; CLIP's initial $\tau = 0.07$ (red line)
-# sits between, and learning $\tau$ lets the model move the dial as its features improve.
+# pushed equally and weakly, and the gradient is small. As $\tau$ falls the push concentrates on the few
+# negatives that are closest to the positive (at $\tau = 0.01$, most of it goes to one text per row): the loss
+# does **hard-negative mining** by itself. The size of the gradient is not monotone in $\tau$: it grows as $\tau$
+# falls, peaks near $\tau \approx 0.2$, and then collapses (0.001 at $\tau = 0.01$), although $\partial L/\partial
+# C$ carries a factor $1/\tau$. At a small temperature every row whose own text is already the most similar has
+# $P_{ii} \approx 1$ and contributes almost nothing. In this batch every pair is already ranked right, and what
+# gradient is left comes from the three images and three texts whose margin over their hardest negative is the
+# smallest (they carry nearly all of it, the cell shows); with pairs ranked wrong, those would take it all. Too
+# small a $\tau$ therefore trains only on the current mistakes and the nearest calls, and ignores the rest; CLIP's
+# initial $\tau = 0.07$ (red line) sits between, and learning $\tau$ lets the model move the dial as its features
+# improve.
 #
 # Every formula of this section now has a symbolic proof and a numeric check against the library
 # (`mmlite.objectives.cross_entropy`, `mmlite.attention`, the fusion layer, `mmlite.numpy_attention`,
@@ -837,65 +871,90 @@ print("the walk reproduces model(images, ids, mask)")
 # image's caption (an *easy* negative, labelled by checking it against the scene, since "a red circle" can be
 # true of many images). A batch of 64 images gives 128 pairs, about half of them positive.
 #
-# How long to train was chosen by measurement: separate runs of 300, 600 and 1000 steps, each with three seeds
-# (the seed sets the initial weights, the order of the images and the choice of negatives), for both models.
-# The table gives the mean and standard deviation over the seeds of the accuracy on the test split and on the
-# compositional split `comp`, whose every image holds one of the six colour-shape pairs ("red triangle",
-# "blue circle", ...) that never occur in a training image:
-#
-# | steps | cross-attention, test | concat, test | cross-attention, comp | concat, comp |
-# |---:|:---:|:---:|:---:|:---:|
-# | 300 | 0.87 ± 0.01 | 0.76 ± 0.07 | 0.87 ± 0.02 | 0.77 ± 0.07 |
-# | 600 | 0.90 ± 0.02 | 0.87 ± 0.01 | 0.89 ± 0.04 | 0.87 ± 0.01 |
-# | 1000 | 0.93 ± 0.01 | 0.91 ± 0.01 | 0.92 ± 0.01 | 0.91 ± 0.00 |
-#
-# (Measured with the sweep cell below, `SWEEP = True`, about 20 minutes on 2 CPU cores, one thread per run; a
-# different thread count or machine rounds the sums differently and so gives a different run, like another seed.)
-# Three things stand out. Cross-attention learns faster: after 300 steps it is ahead on test by 0.08 to 0.19, with
-# every seed, and the baseline's spread is large (one of its seeds lags at 0.67). The baseline catches up: the
-# gap is 0.02 to 0.04 at 600 steps and 0.01 to 0.02 at 1000, still with every seed, while both keep improving. And
-# `comp` follows test closely for both models at every length: the held-out colour-shape pairs cost them almost
-# nothing (the end of 4.3 shows that this depends on the data as much as on the models). The chapter trains both
-# models for 600 steps, about a minute and a half for the two.
+# How long to train, and against which baseline, was decided on a sweep: the recipe that chapter 3 uses too
+# (`mmlite.sweep`: AdamW at $2\cdot10^{-3}$, warm-up over a tenth of the steps, 64 images a step, half of the false
+# captions hard negatives), run with three seeds (the seed sets the initial weights, the order of the images and
+# the choice of negatives) by `python -m mmlite sweep`, which stores every run in `data/sweeps/matching.json`.
+# Besides the two models it holds a third: the concatenation baseline has 16.5 thousand fusion parameters and no
+# feed-forward network, cross-attention 108.5 thousand and an FFN, so a difference between them could be capacity
+# rather than mechanism. `concat_mlp` widens the baseline's classifier (hidden width 768) until fusion and
+# classifier together hold as many parameters as cross-attention's. The table gives the mean and standard
+# deviation over the seeds of the accuracy on the test split and on the compositional split `comp`, whose every
+# image holds one of the six colour-shape pairs ("red triangle", "blue circle", ...) that never occur in a
+# training image. It is loaded from the file, so it is the same on every machine.
 
 # %%
-SWEEP = False  # True re-runs the sweep: 3 seeds x 3 lengths x 2 models (about 20 min on 2 CPU cores)
-STEPS = 600  # optimizer steps for both models (64 images = 128 pairs a step), the same seed for both
+from mmlite.sweep import build_matching, load_sweep, train_recipe  # noqa: E402
+
+sweep = load_sweep()
+ABLATION = ["cross_attention", "concat", "concat_mlp"]
+names = {"cross_attention": "cross-attn", "concat": "concat", "concat_mlp": "concat+MLP"}
 
 
-def train(fusion: str, steps: int = STEPS, seed: int = 0, log_every: int = 0, split=None):
-    """MatchingModel(cnn, gru, fusion) trained with train_matching on `split` (default: the tiny training split);
-    returns (model, History)."""
-    torch.manual_seed(seed)  # the same initial CNN, GRU and classifier for every fusion
-    net = MatchingModel(MatchingConfig(vocab_size=len(tokenizer), image_encoder="cnn", text_encoder="gru",
-                                       fusion=fusion))
-    fit_cfg = FitConfig(steps=steps, lr=2e-3, warmup=min(50, steps // 10), log_every=log_every)
-    return net, train_matching(net, world["train"] if split is None else split, tokenizer, fit_cfg, batch_size=64,
-                               hard_fraction=0.5, seed=seed)
+def sweep_values(variant: str, steps: int, key: str = "accuracy", split: str = "test") -> np.ndarray:
+    """One figure of every seed of a variant at `steps`, in seed order."""
+    runs_v = sorted((r for r in sweep["runs"] if r["variant"] == variant and r["steps"] == steps),
+                    key=lambda r: r["seed"])
+    return np.array([r[split][key] for r in runs_v])
 
 
-if SWEEP:
-    for steps in (300, 600, 1000):
-        for fusion in ("cross_attention", "concat"):
-            acc = np.array([[evaluate_matching(train(fusion, steps, seed)[0], world[s], tokenizer)["accuracy"]
-                             for s in ("test", "comp")] for seed in (0, 1, 2)])  # (seeds, splits)
-            print(f"{fusion:16s} {steps:5d} steps: test {acc[:, 0].mean():.2f} +- {acc[:, 0].std(ddof=1):.2f}"
-                  f"   comp {acc[:, 1].mean():.2f} +- {acc[:, 1].std(ddof=1):.2f}")
+for v in ABLATION:
+    size = build_matching(v, len(tokenizer), seed=0)
+    print(f"{names[v]:12s} fusion + classifier: {mmlite.utils.count_parameters(size.fusion) + mmlite.utils.count_parameters(size.classifier):7,d} parameters")
+print(f"\n{'steps':>5s} " + "".join(f"{names[v] + ' ' + s:>19s}" for s in ("test", "comp") for v in ABLATION))
+for steps in (300, 600):
+    print(f"{steps:5d} " + "".join(f"{sweep_values(v, steps, split=s).mean():10.3f} +- {sweep_values(v, steps, split=s).std(ddof=1):.3f}"
+                                   for s in ("test", "comp") for v in ABLATION))
+print("\ntest accuracy of cross-attention minus each baseline, seed by seed (same seed = same encoders, batches, pairs):")
+for steps in (300, 600):
+    for base in ("concat", "concat_mlp"):
+        diff = sweep_values("cross_attention", steps) - sweep_values(base, steps)
+        print(f"  {steps} steps, vs {names[base]:10s}: {np.round(diff, 3).tolist()}")
+bind = {v: sweep_values(v, 600, "binding/swap_attribute") for v in ABLATION}
+print("binding on swapped attributes at 600 steps, per seed:", {names[v]: np.round(b, 3).tolist() for v, b in bind.items()})
+# the claims of the next paragraph, checked on the stored sweep
+assert (sweep_values("cross_attention", 300) > sweep_values("concat", 300)).all()
+assert (sweep_values("cross_attention", 600) > sweep_values("concat", 600)).all()
+assert abs(sweep_values("cross_attention", 600).mean() - sweep_values("concat_mlp", 600).mean()) < 0.01
+assert (bind["cross_attention"] > bind["concat_mlp"]).all() and (bind["cross_attention"] > bind["concat"]).all()
+
+# %% [markdown]
+# Three things stand out. **Against the plain baseline, cross-attention is ahead with every seed**: by 0.04 to
+# 0.15 at 300 steps, and by 0.03 to 0.07 at 600, while both keep improving. **Against a baseline of its own size,
+# the accuracy lead goes away with training**: at 300 steps the wide `concat_mlp` is still behind with every seed
+# (once by only 0.002), but at 600 steps its mean is within 0.01 of cross-attention's, and it is ahead in two seeds of three. So
+# most of what looked like the advantage of the mechanism was the advantage of more parameters after the fusion.
+# **What capacity does not buy is binding**: on swapped attributes, cross-attention prefers the true caption
+# about 0.60 of the time, against 0.54 for `concat_mlp` and 0.52 for `concat`, ahead of both with every seed,
+# though far from solved; on swapped relations all three stay near chance. And `comp` follows test closely for
+# every model at both lengths. The chapter trains the three models for 600 steps, about three minutes on 2
+# cores.
+
+# %%
+STEPS = 600  # optimizer steps for every model (64 images = 128 pairs a step), the same seed for all
+
+
+def train(variant: str, steps: int = STEPS, seed: int = 0, log_every: int = 0, split=None):
+    """The sweep's recipe on `split` (default: the tiny training split); returns (model, History)."""
+    return train_recipe(variant, world["train"] if split is None else split, tokenizer, steps, run_seed(seed),
+                        log_every=log_every)
+
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-# training log (timings vary by machine); the results are printed, rounded, in the cells after the next
+# training log (timings vary by machine); the results are printed in the cells after the next
 trained = {"cross_attention": train("cross_attention", log_every=150)}
 print(f"cross-attention: {STEPS} steps in {trained['cross_attention'][1].seconds:.0f} s")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-# the ablation: the same encoders, seed and steps, with the pooled features concatenated instead of cross-attended
-trained["concat"] = train("concat", log_every=150)
-print(f"concat: {STEPS} steps in {trained['concat'][1].seconds:.0f} s")
+# the ablations: the same encoders, seed and steps, with the pooled features concatenated instead of cross-attended
+for v in ("concat", "concat_mlp"):
+    trained[v] = train(v, log_every=300)
+    print(f"{names[v]}: {STEPS} steps in {trained[v][1].seconds:.0f} s")
 
 # %%
-names = {"cross_attention": "cross-attn", "concat": "concat"}
+# NBVAL_IGNORE_OUTPUT
 fig, ax = plt.subplots(figsize=(6, 3))
 for f in trained:  # moving average over 50 steps, plotted at the window's last step
     ax.plot(np.arange(50, STEPS + 1), np.convolve(trained[f][1].losses, np.ones(50) / 50, mode="valid"),
@@ -906,6 +965,7 @@ plt.tight_layout()
 plt.show()
 
 # %%
+# NBVAL_IGNORE_OUTPUT
 results = {(f, s): evaluate_matching(trained[f][0], world[s], tokenizer) for f in trained for s in ("test", "comp")}
 rows = [("match accuracy (balanced)", "accuracy"), ("  true pairs accepted", "positive"),
         ("  easy negatives rejected", "easy"), ("hard negatives rejected", "hard"),
@@ -917,32 +977,31 @@ for label, key in rows:
     print(f"{label:28s}" + "".join(f"{results[c][key]:17.3f}" for c in cols))
 print("final training loss (mean of the last 50 steps):",
       ", ".join(f"{names[f]} {np.mean(trained[f][1].losses[-50:]):.3f}" for f in trained))
-for f in trained:  # bounds a little below this run's figures, and the claims the text makes about them
+for f in trained:  # bounds below the sweep's 600-step seeds (accuracy 0.83-0.93, easy 0.76-0.91, positive 0.91-0.98)
     test_r, comp_r = results[(f, "test")], results[(f, "comp")]
-    assert test_r["accuracy"] > 0.8 and test_r["easy"] > 0.7 and test_r["positive"] > 0.9, (f, test_r)
+    assert test_r["accuracy"] > 0.8 and test_r["easy"] > 0.65 and test_r["positive"] > 0.85, (f, test_r)
     assert test_r["hard"] < test_r["easy"], f  # hard negatives are harder than other images' captions
-    assert 0.6 < test_r["binding/swap_attribute"] < 0.9, f  # above chance, far from solved
-    assert abs(comp_r["accuracy"] - test_r["accuracy"]) < 0.05, f  # held-out pairs cost almost nothing
-gap = results[("cross_attention", "test")]["accuracy"] - results[("concat", "test")]["accuracy"]
-assert 0 < gap < 0.1 and results[("cross_attention", "test")]["easy"] > results[("concat", "test")]["easy"]
+    # far from solved: the sweep's 600-step seeds give 0.50-0.65 for the three models (chance is 0.5)
+    assert 0.4 < test_r["binding/swap_attribute"] < 0.8, f
+    assert abs(comp_r["accuracy"] - test_r["accuracy"]) < 0.07, f  # held-out pairs cost little
 
 # %% [markdown]
 # What the table says, read row by row (`accuracy` balances true pairs against captions of other images;
 # `hard` rows are rejection rates of the hard negatives at the 0.5 threshold; `binding` rows are threshold-free:
-# how often the true caption gets a higher match probability than its hard negative, 0.5 being chance):
+# how often the true caption a hard negative was edited from gets a higher match probability than the negative,
+# 0.5 being chance). This is one seed on one machine; the sweep above is what the claims rest on, and the cell's
+# asserts hold for every seed we ran.
 #
-# * **Both models learn to match on images like the training ones**, accepting nearly every true caption and
-#   rejecting most captions of other images. Cross-attention is ahead by about 0.04, as it was, by 0.02 to 0.04,
-#   for every seed of the sweep at 600 steps; most of its lead comes from rejecting other images' captions (the
-#   easy negatives). A small but consistent advantage at this length, and one that shrinks with training.
-# * **Hard negatives are hard for both.** At the threshold, fewer than half of the attribute swaps are rejected:
-#   "a small yellow diamond and a large red diamond" has exactly the words of the true caption "a small red
-#   diamond and a large yellow diamond", and a model that scores the bag of words cannot tell them apart. The
-#   binding score shows more than the threshold does: about seven times in ten, the true caption scores higher
-#   than its attribute-swapped twin, so both models bind colour to shape somewhat, but far from reliably. The
-#   concatenation baseline is not blind to binding either: its GRU state reads the words in order, and its CNN
-#   can have units for "red *and* round".
-# * **On `comp`, both models do almost as well as on test**, although every `comp` image holds a colour-shape
+# * **All three models learn to match on images like the training ones**, accepting nearly every true caption and
+#   rejecting most captions of other images (accuracy about 0.83 to 0.93 over the sweep's seeds).
+# * **Hard negatives are hard for all of them.** At the threshold, only about six in ten hard negatives are
+#   rejected: "a small yellow diamond and a large red diamond" has exactly the words of the true caption "a small
+#   red diamond and a large yellow diamond", and a model that scores the bag of words cannot tell them apart. The
+#   binding rows say the same without a threshold: on swapped attributes and relations, the true caption beats its
+#   twin little more often than a coin would; a changed colour, a changed word, is caught about three times in
+#   four. The concatenation baselines are not blind to order (their GRU state reads the words in sequence), but
+#   pooling leaves them little to bind with.
+# * **On `comp`, every model does almost as well as on test**, although every `comp` image holds a colour-shape
 #   pair that no training image holds. The next cell splits the true `comp` captions by whether they name such a
 #   pair.
 
@@ -966,18 +1025,23 @@ def comp_acceptance(net: MatchingModel) -> tuple[float, float]:
 
 
 print(f"{has_pair.sum()} of the {len(texts_c)} true comp captions name a held-out pair")
+assert sum(map(names_pair, train_neg)) == 0 and sum(map(names_pair, train_q)) == 0
+
+# %%
+# NBVAL_IGNORE_OUTPUT
 print(f"{'true comp captions accepted':30s} {'names a held-out pair':>22s} {'does not':>9s}")
 accept = {f: comp_acceptance(net) for f, (net, _) in trained.items()}
 for f, (yes, no) in accept.items():
     print(f"{names[f]:30s} {yes:22.3f} {no:9.3f}")
-assert sum(map(names_pair, train_neg)) == 0 and sum(map(names_pair, train_q)) == 0
+for f, (yes, no) in accept.items():  # novelty costs a few points, no more (bounds from the seed offsets)
+    assert yes > 0.65 and no - yes < 0.2, (f, yes, no)
 
 # %% [markdown]
 # More than half of the true `comp` captions name a held-out pair ("the red triangle is left of ..."), a
 # combination of two words that never occurs together in any training text, for an object the CNN never saw.
-# Both models accept about 0.83 of them, against about 0.89 of the captions that do not name one: novelty costs a
-# few points, no more. Each colour and each shape occurs in training with five partners, and that is enough for
-# both models to compose them.
+# Every model accepts most of them (about 0.8 in our runs), a few points fewer than of the captions that do not
+# name one (about 0.87): novelty costs a few points, no more. Each colour and each shape occurs in training with
+# five partners, and that is enough for all three models to compose them.
 #
 # ### A shortcut the data must not offer
 #
@@ -996,19 +1060,24 @@ assert sum(map(names_pair, train_neg)) == 0 and sum(map(names_pair, train_q)) ==
 # training log; the comparison is printed, rounded, in the next cell
 margin = PRESETS["tiny"].relation_margin
 draw = Draw(np.random.default_rng(0))
-leaky_negatives = []
+leaky_negatives, leaky_sources = [], []
 for row in world["train"].objects:  # the generator's own edits, with the held-out filter switched off
     objs = scene_list(row)
     sources = caption_specs(objs, draw, PRESETS["tiny"].n_captions, margin)  # fresh captions to edit
-    leaky_negatives.append([(render(spec), kind)
-                            for spec, kind in negative_specs(objs, draw, sources, margin, held_out_ok=True)])
-leaky = dataclasses.replace(world["train"], negatives=leaky_negatives)
+    edits = negative_specs(objs, draw, sources, margin, held_out_ok=True)  # (false spec, kind, source spec)
+    leaky_negatives.append([(render(spec), kind) for spec, kind, _ in edits])
+    leaky_sources.append([render(source) for _, _, source in edits])
+leaky = dataclasses.replace(world["train"], negatives=leaky_negatives, negative_sources=leaky_sources)
 leaky_model, leaky_history = train("cross_attention", split=leaky, log_every=300)
 print(f"cross-attention on leaky negatives: {STEPS} steps in {leaky_history.seconds:.0f} s")
 
 # %%
 n_leaky = sum(names_pair(c) for negs in leaky_negatives for c, _ in negs)
 print(f"leaky training negatives naming a held-out pair: {n_leaky} of {sum(map(len, leaky_negatives))}")
+assert n_leaky > 0.1 * sum(map(len, leaky_negatives))
+
+# %%
+# NBVAL_IGNORE_OUTPUT
 accept["leaky"] = comp_acceptance(leaky_model)
 leaky_test = evaluate_matching(leaky_model, world["test"], tokenizer)["accuracy"]
 leaky_comp = evaluate_matching(leaky_model, world["comp"], tokenizer)
@@ -1019,16 +1088,20 @@ for label, key, test_acc, comp_acc in (
          results[("cross_attention", "comp")]["accuracy"]),
         ("leaky negatives", "leaky", leaky_test, leaky_comp["accuracy"])):
     print(f"{label:30s} {test_acc:14.3f} {comp_acc:14.3f} {accept[key][0]:33.3f} {accept[key][1]:9.3f}")
-assert n_leaky > 0.1 * sum(map(len, leaky_negatives)) and abs(leaky_test - results[("cross_attention", "test")]["accuracy"]) < 0.05
-assert accept["leaky"][0] < accept["cross_attention"][0] - 0.2 and abs(accept["leaky"][1] - accept["cross_attention"][1]) < 0.05
-assert leaky_comp["accuracy"] < results[("cross_attention", "comp")]["accuracy"] - 0.1
+# the leak shows on comp and hides on test. Over seed offsets 0 and 7: acceptance of pair-naming captions falls by
+# 0.38 and 0.14, comp accuracy by 0.24 and 0.12, test accuracy by 0.03 in both; the bounds keep the direction only
+assert abs(leaky_test - results[("cross_attention", "test")]["accuracy"]) < 0.07
+assert accept["leaky"][0] < accept["cross_attention"][0] - 0.05 and abs(accept["leaky"][1] - accept["cross_attention"][1]) < 0.1
+assert leaky_comp["accuracy"] < results[("cross_attention", "comp")]["accuracy"] - 0.05
 
 # %% [markdown]
 # With the filter off, about one training negative in six names a held-out pair, and no true caption does. The
-# model trained on them is as good on the test split as the one trained on the generator's negatives (the
-# difference is within the spread between seeds), so nothing in-distribution warns of the problem. On `comp` it
-# accepts only about half of the true captions that name a held-out pair, while it accepts the others as before:
-# it has learned the cue, and its `comp` accuracy falls by about 0.15. A compositional split is only as good as
+# model trained on them is nearly as good on the test split as the one trained on the generator's negatives (a
+# difference of a few points, about the spread between seeds), so nothing in-distribution warns of the problem.
+# On `comp` it accepts far fewer of the true captions that name a held-out pair (0.45 and 0.67 in two of our runs,
+# against about 0.8 without the leak), while it accepts the others as before: it has learned the cue, and its
+# `comp` accuracy falls by 0.1 to 0.25. How much the cue is used varies from seed to seed; that it is used does
+# not. A compositional split is only as good as
 # the guarantee that nothing in training, negatives included, speaks about the held-out combinations. Real
 # benchmarks have the same weakness: SugarCrepe (Hsieh et al., 2023) showed that the hard negatives of earlier
 # compositionality benchmarks could often be told from the true captions by their text alone, without the image.
@@ -1087,6 +1160,7 @@ plt.show()
 # initial weights) is the control.
 
 # %%
+# NBVAL_IGNORE_OUTPUT
 def color_regions(images: np.ndarray, color: int, min_pixels: int = 4) -> np.ndarray:
     """Regions of the grid x grid layout where `color` covers at least min_pixels pixels: (N, 16) bool."""
     close = (np.abs(images.astype(np.int64) - np.array(COLOR_RGB[color])) <= 40).all(-1)  # (N, 32, 32)
@@ -1119,8 +1193,7 @@ def localisation(net: MatchingModel) -> dict[str, np.ndarray]:
     return {kind: np.mean(r, axis=0) for kind, r in rows.items()}
 
 
-torch.manual_seed(0)
-untrained = MatchingModel(MatchingConfig(vocab_size=len(tokenizer), fusion="cross_attention"))
+untrained = build_matching("cross_attention", len(tokenizer), seed=run_seed(0))  # the trained model's initial weights
 loc = {"trained": localisation(trained["cross_attention"][0]), "untrained": localisation(untrained)}
 heads = cfg.n_heads
 print(f"{'':28s}" + "".join(f"{'head ' + str(h + 1):>8s}" for h in range(heads)) + f"{'average':>9s}{'share':>7s}")
@@ -1130,10 +1203,12 @@ for model_name, by_kind in loc.items():
               + (f"{v[-1]:7.3f}" if kind != "map change" else f"{'-':>7s}"))
 colour_row, change_row = loc["trained"]["colour word"], loc["trained"]["map change"]
 lift = colour_row[:-1] / colour_row[-1]  # mass on the object / share of the grid, per head and averaged
-assert loc["untrained"]["map change"][heads] < 0.01 and change_row[heads] > 0.1  # maps depend on the word
-assert lift[heads] < 1.0 and lift[:heads].max() > 1.3  # the average does not localise; the best head does
-assert np.sort(lift[:heads])[1] < 0.5  # two heads give the named object less than half the uniform share
 print("mass on the object / share, per head and averaged:", np.round(lift, 2))
+# over seed offsets 0 and 7 (and an earlier run): the head average's lift was 0.96 and 1.24 (0.71); the heads
+# spread from 0.4-0.7 to 1.8-2.3. The bounds: maps depend on the word, the average stays near the uniform share,
+# and the heads disagree with each other
+assert loc["untrained"]["map change"][heads] < 0.01 and change_row[heads] > 0.1
+assert lift[heads] < 1.6 and lift[:heads].max() > 1.5 * lift[:heads].min()
 
 _, w_heads = text_to_image_weights(trained["cross_attention"][0], distinct[:1])  # (1, heads, T, 16)
 words0 = [tokenizer.id_to_token(int(t)) for t in ids_ex[0]]
@@ -1149,13 +1224,14 @@ plt.show()
 
 # %% [markdown]
 # What the maps show, honestly. The trained model's text-to-image attention is far from uniform, and it depends on
-# the word: the maps of a caption's two colour words differ by a total-variation distance of about 0.5 on average
-# (the untrained model's maps are identical, and uniform). But the maps do not land on the object the word names.
-# Averaged over the heads, a colour word puts *less* of its weight on that object's regions than attention blind
-# to the image would. One head does look at the named object, with about one and a half times the uniform share
-# (its column in the table); two others look away from it, giving it a quarter to two fifths of the uniform share,
-# and so look at the other objects and the background. The first image above shows it plainly: every head of "red"
-# looks at the yellow diamond, and "yellow" looks at the bottom rows, where the red diamond is. That is no
+# the word: the maps of a caption's two colour words differ clearly (a total-variation distance of about 0.5 per
+# head, 0.25-0.4 for the head average; the untrained model's maps are identical, and uniform). But the maps do not
+# reliably land on the object the word names. Averaged over the heads, a colour word puts close to the uniform
+# share of its weight on that object's regions (0.7 to 1.3 times it over our runs): about what attention blind to
+# the image would put there. Some head does look at the named object, with about twice the uniform share (the
+# last printed line: object mass divided by the uniform share, per head), while others look away from it, giving
+# it about half the uniform share, and so look at the other objects and the background. Which head does which changes from seed to seed;
+# that the average does not localise does not. Look at the per-head maps above with that in mind. That is no
 # contradiction: nothing in the matching loss asks
 # attention to point where a person would. It asks for a pooled image vector that, next to the pooled text,
 # predicts match or no match, and the model uses cross-attention as a word-dependent way to pool the image that
@@ -1187,6 +1263,7 @@ stable = softmax(np.array([1000.0, 1001.0]))
 print("naive softmax:", naive, " stable:", np.round(stable, 3))
 assert np.isnan(naive).all() and np.isclose(stable.sum(), 1.0)
 
+torch.manual_seed(0)  # fixed weights: this check does not depend on the training seeds above
 attn = CrossAttention(8, n_heads=2)
 words = torch.randn(1, 3, 8, generator=gen)
 regions_pad = torch.randn(1, 5, 8, generator=gen)
@@ -1224,13 +1301,15 @@ print("gradient norm, mean vs sum over a batch of 256:", round(g_mean.norm().ite
 # * $\mathrm{Var}(q\cdot k) = d_k$ for independent unit-variance components; without the $1/\sqrt{d_k}$ the
 #   softmax saturates as $d_k$ grows and its Jacobian, hence the gradient to $Q$ and $K$, collapses.
 # * The seed's matching model is `MatchingModel(cnn, gru, cross_attention)`. On the shapes world it learns to
-#   match faster than the concatenation baseline and stays a little ahead (0.02 to 0.04 after 600 steps, with
-#   every seed);
-#   neither binds attributes reliably; its attention maps depend on the words without pointing at the objects
-#   they name. Both models generalise to colour-shape pairs never seen in training, but only because no training
-#   text names those pairs: with hard negatives that do, the model learns "names a held-out pair, so no match" and
-#   rejects half of the true captions of the compositional split. Every one of these findings is a measurement,
-#   with the spread over seeds to read it by.
+#   match faster than the concatenation baseline and stays ahead with every seed (0.03 to 0.07 after 600 steps);
+#   but a concatenation baseline of the same size catches up in accuracy by 600 steps, so most of that lead is
+#   capacity. What capacity does not buy is binding: cross-attention prefers the true caption over its
+#   attribute-swapped twin about 0.60 of the time, the baselines 0.52-0.54, none of them reliably. Its attention
+#   maps depend on the words without pointing at the objects they name. All models generalise to colour-shape
+#   pairs never seen in training, but only because no training text names those pairs: with hard negatives that
+#   do, the model learns "names a held-out pair, so no match" and rejects half of the true captions of the
+#   compositional split. Every one of these findings is a measurement over seeds (`data/sweeps/matching.json`),
+#   with the spread to read it by.
 #
 # ## Exercises
 #
@@ -1296,22 +1375,29 @@ np.testing.assert_allclose(bias_grad, lin_q.bias.grad.numpy(), rtol=1e-10, atol=
 print("query-bias gradient from the ones-column trick == autograd")
 
 # %% [markdown]
-# **4.** Redo the $\sqrt{d_k}$ argument when the query components have variance $\sigma_q^2$ and the key components
-# $\sigma_k^2$ (still independent, mean zero). What is $\mathrm{Var}(q\cdot k/\sqrt{d_k})$, and what does it
-# suggest about initialising $W^Q$ and $W^K$?
+# **4.** Redo the $\sqrt{d_k}$ argument when the components are not centred: query components with mean
+# $\mu_q$ and standard deviation $\sigma_q$, key components with $\mu_k$ and $\sigma_k$ (still independent).
+# What is $\mathrm{Var}(q\cdot k/\sqrt{d_k})$, and what does it suggest about the LayerNorm before attention?
 
 # %% [markdown]
-# *Solution.* Each term has variance $\sigma_q^2\sigma_k^2$, so $\mathrm{Var}(q\cdot k/\sqrt{d_k}) =
-# \sigma_q^2\sigma_k^2$: the scale removes the dependence on the width, not on the size of the projections.
-# Initialisations that keep $\sigma_q, \sigma_k \approx 1$ (and LayerNorm before attention) keep the scores at
+# *Solution.* One term now has $\mathrm{Var}(q_ik_i) = \mathbb{E}[q_i^2]\mathbb{E}[k_i^2] - \mu_q^2\mu_k^2 =
+# \sigma_q^2\sigma_k^2 + \mu_q^2\sigma_k^2 + \mu_k^2\sigma_q^2$, and different terms are still uncorrelated,
+# so that is also $\mathrm{Var}(q\cdot k/\sqrt{d_k})$: the scale removes the dependence on the width, not on the
+# size or the offset of the projections. A mean of 2 in the queries quadruples the key variance's share of the
+# score variance; normalising the features before attention (centring them, unit variance) keeps the scores at
 # unit scale.
 
 # %%
-var_general = sp.summation(var_term.subs({m_q: 0, m_k: 0}), (i, 1, d_k)) / sp.sqrt(d_k) ** 2
-assert sp.simplify(var_general - s_q**2 * s_k**2) == 0
+m_q, m_k = sp.symbols("mu_q mu_k", real=True)
+q_off, k_off = normal_vectors(2, m_q, m_k)
+var_off = sp.simplify(variance(q_off[0] * k_off[0]))
+assert sp.simplify(covariance(q_off[0] * k_off[0], q_off[1] * k_off[1])) == 0  # terms still uncorrelated
+var_general = sp.summation(var_off, (i, 1, d_k)) / d_k
+assert sp.simplify(var_general - (s_q**2 * s_k**2 + m_q**2 * s_k**2 + m_k**2 * s_q**2)) == 0
 show(r"\mathrm{Var}\big(q\cdot k/\sqrt{d_k}\big)", sp.simplify(var_general))
 rng = np.random.default_rng(6)
-q_sim, k_sim = 2.0 * rng.standard_normal((4000, 64)), 0.5 * rng.standard_normal((4000, 64))
+q_sim, k_sim = 2.0 + 1.0 * rng.standard_normal((4000, 64)), 0.5 * rng.standard_normal((4000, 64))
 sim_var = ((q_sim * k_sim).sum(-1) / 8).var()
-assert abs(sim_var - (2.0 * 0.5) ** 2) < 0.1, sim_var
-print(f"simulated with sigma_q = 2, sigma_k = 0.5: {sim_var:.2f} (theory 1.00)")
+theory = float(var_general.subs({s_q: 1.0, s_k: 0.5, m_q: 2.0, m_k: 0.0}))
+assert abs(sim_var - theory) < 0.1 * theory, (sim_var, theory)  # standard error of a variance from 4000 draws ~2 %
+print(f"simulated with mu_q = 2, sigma_q = 1, mu_k = 0, sigma_k = 0.5: {sim_var:.2f} (theory {theory:.2f})")
