@@ -68,7 +68,7 @@ stages = [
     ("Fusion", "concat, gated,\nhierarchical, cross-attn", "mmlite.fusion", "2.2"),
     ("Pre-training", "contrastive, ITM,\nMLM, captioning LM", "mmlite.objectives\nmmlite.train", "2.3"),
     ("Adaptation", "freeze, linear probe,\nzero-shot, soft prompt", "mmlite.adapt", "2.4"),
-    ("Applications", "matching, retrieval,\ncaptioning, VQA", "mmlite.models", "ch. 5-6"),
+    ("Applications", "matching, retrieval,\ncaptioning, VQA", "mmlite.models\nmmlite.evaluate", "ch. 5-6"),
 ]
 fig, ax = plt.subplots(figsize=(12, 2.6))
 box_w, box_h, gap = 1.7, 1.9, 0.35
@@ -133,8 +133,8 @@ show = np.arange(8)  # eight test images and their first captions: the toy batch
 x8 = test.image_tensor(show).to(device)
 ids8, mask8 = texts_of([test.captions[i][0] for i in show])
 with torch.no_grad():
-    regions = model.image_encoder(x8)  # (8, 64, 64): an 8x8 grid of region tokens per image
-    words, last = model.text_encoder(ids8, mask8)  # (8, T, 64) word tokens, (8, 64) state at the last word
+    regions = model.image_encoder(x8).tokens  # (8, 64, 64): an 8x8 grid of region tokens per image
+    words, _, last = model.text_encoder(ids8, mask8)  # (8, T, 64) word tokens, mask, (8, 64) state at the last word
     z_img, z_txt = model.encode_image(x8), model.encode_text(ids8, mask8)  # (8, 64) each
 print("region tokens", tuple(regions.shape), "| word tokens", tuple(words.shape), "| text summary", tuple(last.shape))
 print("shared-space embeddings", tuple(z_img.shape), tuple(z_txt.shape),
@@ -155,7 +155,7 @@ print("shared-space embeddings", tuple(z_img.shape), tuple(z_txt.shape),
 # %%
 # NBVAL_IGNORE_OUTPUT
 with torch.no_grad():
-    p_img = model.image_head.proj(model.image_encoder.pooled(x8))  # (8, 64) projected, not yet normalised
+    p_img = model.image_head.proj(model.image_encoder(x8).pooled)  # (8, 64) projected, not yet normalised
     p_txt = model.text_head.proj(last)  # (8, 64)
     S_scratch = (p_img / p_img.norm(dim=1, keepdim=True)) @ (p_txt / p_txt.norm(dim=1, keepdim=True)).T  # (8, 8)
     S_before = cosine_similarity_matrix(p_img, p_txt)
@@ -314,7 +314,7 @@ assert pad_weight.abs().max() == 0
 # The seed article's second concept: **fusion** combines the representations of the two modalities into one
 # vector that a task head can use ("does this caption match this image?", "what is the answer?"). It names four
 # strategies; `mmlite.fusion` implements them behind one call, `fusion(image_tokens, text_tokens, image_mask,
-# text_mask) -> (B, out_dim)` (`make_fusion(name, ...)` builds one by name). With $\bar{x}_I, \bar{x}_T$ the
+# text_mask) -> (B, d_out)` (`make_fusion(name, ...)` builds one by name). With $\bar{x}_I, \bar{x}_T$ the
 # (masked) mean-pooled tokens:
 #
 # | strategy | formula | image and text interact ... |
@@ -336,8 +336,9 @@ from mmlite.utils import count_parameters
 
 x4, ids4, mask4 = x8[:4], ids8[:4], mask8[:4]
 with torch.no_grad():
-    img_tokens, img_levels = model.image_encoder(x4, return_levels=True)  # (4, 64, 64), [(4, 256, 16), (4, 64, 32)]
-    txt_tokens, _ = model.text_encoder(ids4, mask4)  # (4, T, 64)
+    img_out, img_levels = model.image_encoder(x4, return_levels=True)  # tokens (4, 64, 64); [(4, 256, 16), (4, 64, 32)]
+    img_tokens = img_out.tokens  # (4, 64, 64)
+    txt_tokens = model.text_encoder(ids4, mask4).tokens  # (4, T, 64)
     word_emb = model.text_encoder.embed(ids4)  # (4, T, 64)
 d = 64
 torch.manual_seed(2)
@@ -507,10 +508,10 @@ print(f"scale tau = {model.logit_scale().item():.2f};  clip_loss = contrastive_l
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from mmlite.models import train_dual_encoder
+from mmlite.recipes import train_dual_encoder
 from mmlite.train import FitConfig
 
-# mmlite.models.train_dual_encoder: batches of 64 (image, random caption) pairs, CLIP's loss (mmlite.models.dual_loss),
+# mmlite.recipes.train_dual_encoder: batches of 64 (image, random caption) pairs, CLIP's loss (mmlite.tasks.dual_loss),
 # AdamW with warm-up + cosine, and the logit scale clamped at ln 100 after every step
 untrained = copy.deepcopy(model)  # the initial weights, kept for a comparison in 2.3.3
 history = train_dual_encoder(model, train, tok, FitConfig(steps=300, lr=2e-3, warmup=20, log_every=50),
@@ -830,7 +831,7 @@ methods = {
     "full fine-tuning": n_image_side + n_head,  # image encoder + head; the text side is not used
     "linear probe": n_head,
     "zero-shot": 0,
-    "soft prompt (CoOp)": n_ctx * model.text_encoder.d_embed,
+    "soft prompt (CoOp)": n_ctx * model.text_encoder.d_word,
 }
 print(f"pre-trained dual encoder: {n_total:,} parameters ({n_image_side:,} in the image encoder), trainable now: "
       f"{mmlite.utils.count_parameters(model, trainable_only=True)}")
@@ -851,8 +852,8 @@ assert methods["full fine-tuning"] == n_image_side + 64 * 4 + 4 and methods["lin
 # %%
 # NBVAL_IGNORE_OUTPUT
 with torch.no_grad():
-    feats = {"train": model.image_encoder.pooled(train.image_tensor().to(device)),  # (2000, 64)
-             "test": model.image_encoder.pooled(test.image_tensor().to(device))}  # (500, 64)
+    feats = {"train": model.image_encoder(train.image_tensor().to(device)).pooled,  # (2000, 64)
+             "test": model.image_encoder(test.image_tensor().to(device)).pooled}  # (500, 64)
     z_img_train = model.encode_image(train.image_tensor().to(device))  # (2000, 64), for the soft prompt
 results = {task: {} for task in tasks}  # task -> method -> test accuracy
 seconds = {"linear probe": 0.0, "full fine-tuning": 0.0, "soft prompt (CoOp)": 0.0}  # training time, all tasks
@@ -894,7 +895,7 @@ class ImageClassifier(torch.nn.Module):
         self.encoder, self.head = encoder, LinearProbe(encoder.d_model, n_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder.pooled(images))  # (B, d_model) -> (B, C)
+        return self.head(self.encoder(images).pooled)  # (B, d_model) -> (B, C)
 
 
 def classifier_loss(clf: ImageClassifier, batch: list[torch.Tensor]) -> torch.Tensor:
@@ -995,7 +996,7 @@ rng = np.random.default_rng(run_seed(0))  # which 16 images per class: a trainin
 for task, (names, _, _) in tasks.items():
     tr_idx, y_tr, te_idx, y_te = data[task]
     class_ids, class_mask = texts_of(names)  # [BOS] class phrase [EOS]: (C, T)
-    prompt = SoftPrompt(n_ctx=n_ctx, d_model=model.text_encoder.d_embed, insert_at=1).to(device)  # after [BOS]
+    prompt = SoftPrompt(n_ctx=n_ctx, d_model=model.text_encoder.d_word, insert_at=1).to(device)  # after [BOS]
     with torch.no_grad():
         prompt.ctx.copy_(model.text_encoder.embed(texts_of([context_words])[0][:, 1:-1])[0])  # (4, 64)
         start = prompted_class_embeddings(prompt, model.text_encoder, class_ids, class_mask, model.text_head.proj)

@@ -98,14 +98,14 @@ batch = next(iter(make_loader(world["train"], tok, batch_size=8, shuffle=False))
 
 torch.manual_seed(0)
 image_encoder = CNNEncoder(width=32, d_model=64)
-text_encoder = GRUTextEncoder(len(tok), d_embed=64, d_model=64)
+text_encoder = GRUTextEncoder(len(tok), d_word=64, d_model=64)
 image_head, text_head = AlignmentHead(64, 32), AlignmentHead(64, 32)
 fusion = make_fusion("cross_attention", d_image=64, d_text=64, d_model=64, n_heads=4)
-classifier = nn.Linear(fusion.out_dim, 2)
+classifier = nn.Linear(fusion.d_out, 2)
 
 ids, mask = batch["caption_ids"], batch["caption_mask"]
-h_img = image_encoder(batch["image"])  # (8, 16, 64): a 4x4 grid of region tokens
-h_txt, txt_last = text_encoder(ids, mask)  # (8, T, 64) word tokens, (8, 64) last real state
+h_img = image_encoder(batch["image"]).tokens  # (8, 16, 64): a 4x4 grid of region tokens
+h_txt, _, txt_last = text_encoder(ids, mask)  # (8, T, 64) word tokens, their mask, (8, 64) last real state
 z_img, z_txt = image_head(masked_mean(h_img)), text_head(txt_last)  # (8, 32) unit vectors each
 fused = fusion(h_img, h_txt, text_mask=mask)  # (8, 128)
 logits = classifier(fused)  # (8, 2): no match / match
@@ -248,7 +248,7 @@ with torch.no_grad():  # non-trivial norm gains and shifts, so the check covers 
             m.weight.uniform_(0.5, 1.5)
             m.bias.uniform_(-0.5, 0.5)
 images64 = batch["image"].double()
-tokens_hand, tokens_lib = cnn_by_hand(cnn, images64), cnn(images64)
+tokens_hand, tokens_lib = cnn_by_hand(cnn, images64), cnn(images64).tokens
 # float64 on both sides: the two compute the same sums in different orders, so they agree to ~1e-13;
 # rtol=atol=1e-9 leaves room for that and would still catch any real difference (a wrong stride, a missed norm)
 torch.testing.assert_close(tokens_hand, tokens_lib, rtol=1e-9, atol=1e-9)
@@ -290,11 +290,11 @@ def gru_by_hand(x: torch.Tensor, mask: torch.Tensor, w_ih: torch.Tensor, w_hh: t
 
 
 torch.manual_seed(2)
-text_enc = GRUTextEncoder(len(tok), d_embed=16, d_model=24).double()
+text_enc = GRUTextEncoder(len(tok), d_word=16, d_model=24).double()
 gru = text_enc.gru
 states_hand, last_hand = gru_by_hand(text_enc.embedding(ids), mask, gru.weight_ih_l0, gru.weight_hh_l0,
                                      gru.bias_ih_l0, gru.bias_hh_l0)
-states_lib, last_lib = text_enc(ids, mask)
+states_lib, _, last_lib = text_enc(ids, mask)
 # float64 again: same products, summed in a different order, so agreement to ~1e-15; 1e-9 is ample
 torch.testing.assert_close(states_hand, states_lib, rtol=1e-9, atol=1e-9)
 torch.testing.assert_close(last_hand, last_lib, rtol=1e-9, atol=1e-9)
@@ -367,11 +367,14 @@ print("concat and gated fusion by hand = mmlite.fusion, and padding never leaks 
 # caption describes an image. Each batch of $B$ images gives $2B$ pairs: the $B$ true pairs, and for each image one
 # false caption, half of the time its own hard negative and otherwise another image's caption (an *easy*
 # negative; its label is checked against the scene, since "a red circle" may well be true of another image too).
-# `mmlite.models.matching_pairs` builds them:
+# `mmlite.tasks.matching_pairs` builds them:
 
 # %%
 from mmlite.data import NEGATIVE_KINDS, Split
-from mmlite.models import MatchingConfig, MatchingModel, evaluate_matching, matching_pairs, train_matching
+from mmlite.evaluate import evaluate_matching
+from mmlite.models import MatchingConfig, MatchingModel
+from mmlite.recipes import train_matching
+from mmlite.tasks import matching_pairs
 
 pairs = matching_pairs(batch, tok, torch.Generator().manual_seed(0))
 kind_name = {-2: "true pair", -1: "easy negative", **dict(enumerate(NEGATIVE_KINDS))}
@@ -404,15 +407,14 @@ print(f"ITM loss of the untrained model {loss_hand.item():.3f}; chance level log
 # $m \leftarrow \beta_1 m + (1-\beta_1) g$, $v \leftarrow \beta_2 v + (1-\beta_2) g^2$, and moves each parameter by
 # $\theta \leftarrow \theta - \eta\lambda\theta - \eta\, \hat m / (\sqrt{\hat v} + \epsilon)$ with the bias
 # corrections $\hat m = m / (1-\beta_1^t)$, $\hat v = v / (1-\beta_2^t)$ (the decay $\lambda$ is applied to
-# weight matrices only, see `mmlite.adapt.param_groups`). Below, the schedule and a whole training loop written
+# weight matrices only, see `mmlite.train.param_groups`). Below, the schedule and a whole training loop written
 # by hand take the same three steps as `train_matching`, from the same initial weights, on the same batches.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 # the printed losses come from three float32 training steps (another CPU rounds them differently); the asserts
 # that the hand-written loop equals the library's hold everywhere
-from mmlite.adapt import param_groups
-from mmlite.train import FitConfig, warmup_cosine
+from mmlite.train import FitConfig, param_groups, warmup_cosine
 
 
 def lr_factor_by_hand(step: int, steps: int, warmup: int, min_ratio: float) -> float:
@@ -627,7 +629,7 @@ means = sorted(acc, key=lambda f: acc[f].mean())
 print(f"\nranked by mean accuracy: {' < '.join(means)}")
 paired = {f: acc["cross_attention"] - acc[f] for f in FUSIONS if f != "cross_attention"}  # same seed, same encoders
 wins = sum(int((d > 0).sum()) for d in paired.values())
-print(f"cross-attention minus each fusion with the same seed: "
+print("cross-attention minus each fusion with the same seed: "
       + "; ".join(f"{f} {np.round(d, 3).tolist()}" for f, d in paired.items()))
 print(f"cross-attention ahead in {wins} of {sum(map(len, paired.values()))} same-seed comparisons")
 assert wins == 9 and means[-1] == "cross_attention"  # what the paragraph below says (the file is fixed)
@@ -807,7 +809,9 @@ print("ms:", [round(s * 1e3, 2) for s in seconds])
 # odd-numbered images) shows how far apart two centroids land by sampling alone.
 
 # %%
-from mmlite.models import DualEncoder, embed_split, train_dual_encoder
+from mmlite.evaluate import embed_split
+from mmlite.models import DualEncoder
+from mmlite.recipes import train_dual_encoder
 
 # The dual encoder is mmlite.models.DualEncoder (chapter 2 builds it up): a CNN with three stages (a 4x4 grid),
 # word embeddings + GRU, an AlignmentHead (project to 32 dimensions + L2-normalise) per modality, a logit scale.
@@ -1022,9 +1026,9 @@ print(f"N >= {closed_form_n:.1f} patches, so from {side} px on")
 # %%
 ids_more = F.pad(ids, (0, 5), value=tok.pad_id)  # (B, T + 5)
 mask_more = F.pad(mask, (0, 5), value=False)
-_, pooled_more = text_enc(ids_more, mask_more)
+pooled_more = text_enc(ids_more, mask_more).pooled
 torch.testing.assert_close(pooled_more, last_lib, rtol=1e-12, atol=1e-12)  # float64: identical up to rounding
-_, pooled_unmasked = text_enc(ids_more, torch.ones_like(mask_more))
+pooled_unmasked = text_enc(ids_more, torch.ones_like(mask_more)).pooled
 change = (pooled_unmasked - last_lib).abs().max().item()
 assert change > 1e-3, change
 print(f"with the mask: unchanged; without it the pooled vector moves by up to {change:.3f}")

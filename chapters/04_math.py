@@ -38,7 +38,8 @@ from mmlite.data import (COLOR_RGB, COLORS, FIELDS, HELD_OUT_PAIRS, MAX_OBJECTS,
                          build_tokenizer, load)
 from mmlite.data.grammar import Draw, caption_specs, negative_specs, render
 from mmlite.data.semantics import scene_list
-from mmlite.models import MatchingConfig, MatchingModel, evaluate_matching, score_pairs
+from mmlite.evaluate import evaluate_matching, score_pairs
+from mmlite.models import MatchingConfig, MatchingModel
 from mmlite.numpy_attention import cross_attention_backward, cross_attention_forward, finite_difference, softmax
 from mmlite.objectives import contrastive_loss, cross_entropy
 from mmlite.utils import run_seed
@@ -836,8 +837,8 @@ images = world["test"].image_tensor([0, 1, 2])  # (3, 3, 32, 32) float in [0, 1]
 model.eval()
 with torch.no_grad():
     steps = [("images", images), ("caption ids", ids)]
-    regions = model.image_encoder(images)  # CNN -> region tokens
-    words, _ = model.text_encoder(ids, mask)  # embeddings + GRU -> word tokens
+    regions = model.image_encoder(images).tokens  # CNN -> region tokens
+    words = model.text_encoder(ids, mask).tokens  # embeddings + GRU -> word tokens
     steps += [("CNN region features", regions), ("GRU word features", words)]
     fu = model.fusion
     xi, xt = fu.image_proj(regions), fu.text_proj(words)

@@ -1,4 +1,4 @@
-"""Adaptation: freezing, param groups, linear probes, prompt templates, soft prompts (derived in chapter 2)."""
+"""Adaptation: freezing, linear probes, prompt templates, soft prompts (derived in chapter 2)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from mmlite.alignment import l2_normalize
+from mmlite.checks import check_tensors
+from mmlite.encoders.output import EncoderOutput
 from mmlite.objectives import cross_entropy
-from mmlite.train.groups import param_groups, uses_weight_decay  # re-exported: chapter 3 imports them here
-
-
-def _check_tensors(**tensors: object) -> None:
-    """Raise TypeError naming the first argument that is not a torch.Tensor."""
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 # --------------------------------------------------------------------------- freezing
@@ -56,7 +50,7 @@ class LinearProbe(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """(N, d_in) -> (N, n_classes)."""
-        _check_tensors(features=features)
+        check_tensors(features=features)
         if features.dim() != 2 or features.shape[1] != self.d_in:
             raise ValueError(f"features shape {tuple(features.shape)} should be (N, d_in={self.d_in})")
         return self.linear(features)
@@ -72,7 +66,7 @@ def fit_linear_probe(
     Returns the probe and the loss after every epoch. The features are detached, so whatever produced
     them gets no gradient.
     """
-    _check_tensors(features=features, labels=labels)
+    check_tensors(features=features, labels=labels)
     if features.dim() != 2 or labels.shape != features.shape[:1]:
         raise ValueError(
             f"features must be (N, D) and labels (N,), got {tuple(features.shape)} and {tuple(labels.shape)}"
@@ -131,7 +125,7 @@ def zero_shot_weights(
 
 def zero_shot_classify(image_feats: Tensor, class_weights: Tensor, logit_scale: float | Tensor = 100.0) -> Tensor:
     """logits = scale * normalize(image_feats) normalize(class_weights)^T: (N, D), (C, D) -> (N, C)."""
-    _check_tensors(image_feats=image_feats, class_weights=class_weights)
+    check_tensors(image_feats=image_feats, class_weights=class_weights)
     if image_feats.dim() != 2 or class_weights.dim() != 2 or image_feats.shape[1] != class_weights.shape[1]:
         raise ValueError(
             f"image_feats {tuple(image_feats.shape)} and class_weights {tuple(class_weights.shape)} "
@@ -158,7 +152,7 @@ class SoftPrompt(nn.Module):
 
     def forward(self, token_embeddings: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(C, T, D), (C, T) bool -> (C, n_ctx + T, D) and the matching mask (context positions True)."""
-        _check_tensors(token_embeddings=token_embeddings, **({} if mask is None else {"mask": mask}))
+        check_tensors(token_embeddings=token_embeddings, **({} if mask is None else {"mask": mask}))
         if token_embeddings.dim() != 3 or token_embeddings.shape[2] != self.d_model:
             raise ValueError(
                 f"token_embeddings shape {tuple(token_embeddings.shape)} should be (C, T, d_model={self.d_model})"
@@ -182,7 +176,7 @@ class EmbeddingTextEncoder(Protocol):
 
     def embed(self, ids: Tensor) -> Tensor: ...  # (C, T) -> (C, T, D)
 
-    def encode_embeddings(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]: ...
+    def encode_embeddings(self, x: Tensor, mask: Tensor) -> EncoderOutput: ...
 
 
 def prompted_class_embeddings(
@@ -191,7 +185,7 @@ def prompted_class_embeddings(
 ) -> Tensor:
     """Unit class embeddings (C, D') from [context] + class-name tokens through a (frozen) text encoder."""
     x, mask = prompt(text_encoder.embed(class_ids), class_mask)  # (C, n_ctx + T, D)
-    _, pooled = text_encoder.encode_embeddings(x, mask)
+    pooled = text_encoder.encode_embeddings(x, mask).pooled
     if pooled is None:
         raise ValueError("text_encoder returns no pooled vector (pool='none'); build it with a pooling")
     return l2_normalize(pooled if projection is None else projection(pooled))

@@ -17,7 +17,6 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,7 +24,7 @@ from torch import nn
 
 from mmlite.attention import MultiHeadAttention
 from mmlite.blocks import EncoderBlock
-from mmlite.cli import check_output_path
+from mmlite.utils import check_output_path
 from mmlite.utils import get_device
 
 FUSED_TARGET = 1.10  # fused path / torch, at every size

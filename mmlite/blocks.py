@@ -1,9 +1,13 @@
-"""Feed-forward network and pre-norm transformer encoder and decoder blocks (derived in chapter 3).
+"""Feed-forward network, pre-norm transformer blocks and the one TransformerStack built of them (chapter 3).
 
 Pre-norm residual form, the one torch.nn.TransformerEncoderLayer(norm_first=True) computes:
 
-    x = x + Dropout(MHA(LN1(x)))          (decoder: + causal self-attention, then cross-attention on LN2(x))
+    x = x + Dropout(MHA(LN1(x)))          (decoder: + self-attention, then cross-attention on LN2(x))
     x = x + Dropout(FFN(LN2(x))),   FFN(h) = W2 Dropout(act(W1 h + b1)) + b2
+
+TransformerStack is depth such blocks and a final LayerNorm. Every transformer of mmlite is one: the ViT,
+the text encoder, the fusion encoder (self-attention + cross-attention to the image), the caption decoder
+(the same, causal) and the generative model's language model (causal, no context).
 """
 
 from __future__ import annotations
@@ -121,14 +125,15 @@ class DecoderBlock(nn.Module):
         self.drop3 = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None,
-                context_mask: Tensor | None = None) -> Tensor:
-        """x (B, T, d_model) attends causally to itself and to context (B, Tc, d_context) -> (B, T, d_model).
+                context_mask: Tensor | None = None, causal: bool = True) -> Tensor:
+        """x (B, T, d_model) attends to itself (causally by default) and to context (B, Tc, d_context) -> (B, T, d_model).
 
-        mask (B, T) and context_mask (B, Tc) are key masks, True = real token.
+        mask (B, T) and context_mask (B, Tc) are key masks, True = real token. causal=False gives the fusion
+        encoder's block (ALBEF's): bidirectional self-attention, then cross-attention to the image.
         """
         check_features("x", x, self.d_model, "d_model", owner="block")
         check_features("context", context, self.d_context, "d_context", owner="block")
-        x = x + self.drop1(self.self_attn(self.norm1(x), mask=mask, causal=True))
+        x = x + self.drop1(self.self_attn(self.norm1(x), mask=mask, causal=causal))
         x = x + self.drop2(self.cross_attn(self.norm2(x), context=context, context_mask=context_mask))
         return x + self.drop3(self.ff(self.norm3(x)))
 
@@ -141,4 +146,65 @@ class DecoderBlock(nn.Module):
             _copy_norm(mine, theirs)
         _copy_linear(self.ff.linear1, layer.linear1)
         _copy_linear(self.ff.linear2, layer.linear2)
+        return self
+
+
+class TransformerStack(nn.Module):
+    """depth pre-norm blocks, then a final LayerNorm: x (B, T, d_model) -> (B, T, d_model).
+
+    Without d_context the blocks are EncoderBlocks (self-attention + feed-forward); with d_context they are
+    DecoderBlocks, whose tokens also attend to a context (B, Tc, d_context) every layer. causal=True lets
+    token t attend only to tokens <= t. So:
+        ViT, text encoder          TransformerStack(d, depth, heads)
+        language model             TransformerStack(d, depth, heads, causal=True)
+        fusion encoder (ALBEF)     TransformerStack(d, depth, heads, d_context=d_image)
+        caption decoder (BLIP)     TransformerStack(d, depth, heads, causal=True, d_context=d_image)
+    The same computation as torch.nn.TransformerEncoder(norm_first=True, norm=LayerNorm) or
+    TransformerDecoder (without context: an encoder with a causal mask); copy_from_torch copies their weights.
+    """
+
+    def __init__(self, d_model: int, depth: int, n_heads: int, ff_hidden: int | None = None, dropout: float = 0.0,
+                 causal: bool = False, d_context: int | None = None, impl: str = "scratch",
+                 activation: str = "gelu") -> None:
+        super().__init__()
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        self.d_model = d_model  # token width
+        self.depth = depth
+        self.causal = causal
+        self.d_context = d_context  # None: no cross-attention
+        if d_context is None:
+            blocks = (EncoderBlock(d_model, n_heads, ff_hidden=ff_hidden, dropout=dropout, impl=impl,
+                                   activation=activation) for _ in range(depth))
+        else:
+            blocks = (DecoderBlock(d_model, n_heads, d_context=d_context, ff_hidden=ff_hidden, dropout=dropout,
+                                   impl=impl, activation=activation) for _ in range(depth))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> Tensor:
+        """x (B, T, d_model), mask (B, T) True = real token; context (B, Tc, d_context) iff built with d_context."""
+        if (context is None) != (self.d_context is None):
+            raise ValueError("this stack was built without d_context, so it takes no context" if context is not None
+                             else f"this stack was built with d_context={self.d_context}: pass context (B, Tc, "
+                                  f"{self.d_context})")
+        for block in self.blocks:
+            if context is None:
+                x = block(x, mask=mask, causal=self.causal)
+            else:
+                x = block(x, context, mask=mask, context_mask=context_mask, causal=self.causal)
+        return self.norm(x)
+
+    def copy_from_torch(self, stack: nn.TransformerEncoder | nn.TransformerDecoder) -> "TransformerStack":
+        """Copy weights from torch.nn.TransformerEncoder / TransformerDecoder (built with norm=LayerNorm); returns self."""
+        expected = nn.TransformerEncoder if self.d_context is None else nn.TransformerDecoder
+        if not isinstance(stack, expected):
+            raise TypeError(f"expected torch.nn.{expected.__name__}, got {type(stack).__name__}")
+        if len(stack.layers) != self.depth or not isinstance(stack.norm, nn.LayerNorm):
+            raise ValueError(f"torch stack has {len(stack.layers)} layers and norm {type(stack.norm).__name__}; "
+                             f"this one has {self.depth} layers and a final LayerNorm")
+        for mine, theirs in zip(self.blocks, stack.layers):
+            mine.copy_from_torch(theirs)
+        _copy_norm(self.norm, stack.norm)
         return self

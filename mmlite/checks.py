@@ -18,6 +18,12 @@ def check_tensor(name: str, x: object) -> Tensor:
     return x
 
 
+def check_tensors(**tensors: object) -> None:
+    """check_tensor for each keyword argument, in order: check_tensors(logits=logits, labels=labels)."""
+    for name, x in tensors.items():
+        check_tensor(name, x)
+
+
 def check_features(name: str, x: object, d: int | None = None, what: str = "D", owner: str = "module",
                    rank: int | None = 3) -> Tensor:
     """Raise unless `x` is a tensor of rank `rank` ((B, T, what) for 3; any rank >= 1 for None) whose last dim is d.

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 
 def _non_negative_int(text: str) -> int:
@@ -23,28 +21,6 @@ def _positive_int(text: str) -> int:
     if value == 0:
         raise argparse.ArgumentTypeError("expected a positive integer, got 0")
     return value
-
-
-def check_output_path(path: str | Path, option: str, folder: bool) -> Path:
-    """Raise ValueError (naming `option`) before any work when `path` cannot be written: empty, below a file,
-    in a folder we may not write, or a folder where a file is wanted (folder=False) or vice versa."""
-    if not str(path).strip():
-        raise ValueError(f"{option} is empty; give a {'folder' if folder else 'file'} path")
-    out = Path(path)
-    if out.name in ("", ".", ".."):
-        raise ValueError(f"{option} {str(path)!r} must end in a {'folder' if folder else 'file'} name")
-    if folder and out.is_file():
-        raise ValueError(f"{option} {out} is an existing file, not a folder")
-    if not folder and out.is_dir():
-        raise ValueError(f"{option} {out} is an existing folder, not a file")
-    for parent in out.absolute().parents:  # the nearest existing ancestor must be a folder we can write in
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{option} {out}: {parent} is a file, so nothing can be created below it")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"{option} {out}: no permission to create anything in {parent}")
-            break
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 
 Every strategy has the same call, so a model can swap them by name (`make_fusion`):
 
-    forward(image_tokens (B, Ti, Di), text_tokens (B, Tt, Dt), image_mask=None, text_mask=None) -> (B, out_dim)
+    forward(image_tokens (B, Ti, Di), text_tokens (B, Tt, Dt), image_mask=None, text_mask=None) -> (B, d_out)
 
 (HierarchicalFusion takes a list of token sequences per modality, one per encoder level.)
 Masks are bool (B, T), True = real token; padding never changes the result.
@@ -50,7 +50,7 @@ class ConcatFusion(nn.Module):
         check_activation(activation)
         self.d_image = d_image  # width of the image tokens
         self.d_text = d_text  # width of the text tokens
-        self.out_dim = d_out  # width of the fused vector
+        self.d_out = d_out  # width of the fused vector
         self.activation = activation  # non-linearity after the projection
         self.proj = nn.Linear(d_image + d_text, d_out)
 
@@ -76,7 +76,7 @@ class GatedFusion(nn.Module):
             raise ValueError(f"gate must be 'sigmoid' or 'gelu', got {gate!r}")
         self.d_image = d_image  # width of the image tokens
         self.d_text = d_text  # width of the text tokens
-        self.out_dim = d_out  # width of the fused vector
+        self.d_out = d_out  # width of the fused vector
         self.gate = gate  # gate non-linearity, "sigmoid" or "gelu" (Gaussian CDF)
         self.image_proj = nn.Linear(d_image, d_out)
         self.text_proj = nn.Linear(d_text, d_out)
@@ -123,7 +123,7 @@ class HierarchicalFusion(nn.Module):
         if combine not in ("softmax", "concat"):
             raise ValueError(f"combine must be 'softmax' or 'concat', got {combine!r}")
         self.n_levels = len(dims_image)  # number of encoder levels fused
-        self.out_dim = d_out  # width of the fused vector
+        self.d_out = d_out  # width of the fused vector
         self.combine = combine  # how the levels are combined
         self.levels = nn.ModuleList(
             ConcatFusion(di, dt, d_out) if level == "concat" else GatedFusion(di, dt, d_out, gate=gate)
@@ -183,7 +183,7 @@ class CrossAttentionFusion(nn.Module):
 
     Both modalities are projected to d_model; each layer computes O = CoAttention(X_i, X_t) and the seed's
     H = FFN(X + O), written with pre-norm and a residual around the FFN as in a transformer block. The outputs
-    are layer-normed, masked-mean pooled and concatenated: out_dim = 2 * d_model.
+    are layer-normed, masked-mean pooled and concatenated: d_out = 2 * d_model.
     """
 
     def __init__(self, d_image: int, d_text: int, d_model: int, n_heads: int, layers: int = 1,
@@ -193,7 +193,7 @@ class CrossAttentionFusion(nn.Module):
             raise ValueError(f"layers must be >= 1, got {layers}")
         self.d_image = d_image  # width of the image tokens
         self.d_text = d_text  # width of the text tokens
-        self.out_dim = 2 * d_model  # [pooled image; pooled text]
+        self.d_out = 2 * d_model  # [pooled image; pooled text]
         self.image_proj = nn.Linear(d_image, d_model)
         self.text_proj = nn.Linear(d_text, d_model)
         self.layers = nn.ModuleList(_CoAttentionLayer(d_model, n_heads, ff_hidden, dropout, impl)

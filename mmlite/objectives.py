@@ -9,15 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from mmlite.alignment import l2_normalize
+from mmlite.checks import check_tensors
 
 IGNORE_INDEX = -100  # label of positions that no loss counts (F.cross_entropy's default ignore_index)
-
-
-def _check_tensors(**tensors: object) -> None:
-    """Raise TypeError naming the first argument that is not a torch.Tensor."""
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 # --------------------------------------------------------------------------- cross-entropy
@@ -36,7 +30,7 @@ def cross_entropy(
     Same value as F.cross_entropy (with the class axis moved to dim 1), except that when every
     position is ignored the mean is 0 (with a zero gradient) instead of NaN.
     """
-    _check_tensors(logits=logits, targets=targets)
+    check_tensors(logits=logits, targets=targets)
     if logits.dim() < 1 or targets.shape != logits.shape[:-1]:
         raise ValueError(
             f"targets shape {tuple(targets.shape)} must equal logits shape without its class axis, "
@@ -104,13 +98,20 @@ def contrastive_loss(
     logit_scale: Tensor | float | LogitScale,
     return_logits: bool = False,
     label_smoothing: float = 0.0,
+    gather: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Symmetric InfoNCE exactly as CLIP: L = (CE(S, arange B) + CE(S^T, arange B)) / 2,
 
     S = scale * normalize(I) normalize(T)^T, so row i of S scores image i against every text.
     image_feats, text_feats: (B, D), pair i matched. Returns the loss (and S: (B, B) if asked).
+
+    gather=True, under torch.distributed with W > 1 processes of B pairs each: every rank scores its own
+    B images against all W*B texts (and its B texts against all W*B images), the negatives of the whole
+    global batch, and returns the loss of its rows. The mean of the W rank losses is the single-process loss
+    of the W*B pairs, and the all-gather passes gradients back to the rank that made each feature, so DDP's
+    gradient average is that loss's gradient. S is then (B, W*B). Without a process group it is the plain loss.
     """
-    _check_tensors(image_feats=image_feats, text_feats=text_feats)
+    check_tensors(image_feats=image_feats, text_feats=text_feats)
     for name, f in (("image_feats", image_feats), ("text_feats", text_feats)):
         if f.dim() != 2:
             raise ValueError(f"{name} must be (B, D), got shape {tuple(f.shape)}")
@@ -122,12 +123,42 @@ def contrastive_loss(
     if image_feats.shape[0] < 1:
         raise ValueError("contrastive_loss needs a batch of at least one pair, got B=0")
     scale = logit_scale() if isinstance(logit_scale, nn.Module) else logit_scale
-    logits = scale * l2_normalize(image_feats) @ l2_normalize(text_feats).T  # (B, B)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    loss = 0.5 * (
-        cross_entropy(logits, labels, label_smoothing) + cross_entropy(logits.T, labels, label_smoothing)
-    )
+    z_i, z_t = l2_normalize(image_feats), l2_normalize(text_feats)  # (B, D) each
+    b = z_i.shape[0]
+    rank, world = _process_group() if gather else (0, 1)
+    if world == 1:
+        logits = scale * z_i @ z_t.T  # (B, B)
+        labels = torch.arange(b, device=logits.device)
+        loss = 0.5 * (
+            cross_entropy(logits, labels, label_smoothing) + cross_entropy(logits.T, labels, label_smoothing)
+        )
+        return (loss, logits) if return_logits else loss
+    all_i, all_t = _all_gather(z_i), _all_gather(z_t)  # (W*B, D) each, rank r's rows at r*B .. r*B + B - 1
+    logits = scale * z_i @ all_t.T  # (B, W*B): my images against every text
+    logits_t = scale * z_t @ all_i.T  # (B, W*B): my texts against every image
+    labels = torch.arange(b, device=logits.device) + rank * b
+    loss = 0.5 * (cross_entropy(logits, labels, label_smoothing) + cross_entropy(logits_t, labels, label_smoothing))
     return (loss, logits) if return_logits else loss
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the default torch.distributed group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(x: Tensor) -> Tensor:
+    """Concatenate x (B, D) of every rank, in rank order, with gradients flowing back to each rank's own rows."""
+    import torch.distributed.nn.functional as dist_fn
+
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(_process_group()[1])]
+    torch.distributed.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    if len({int(n) for n in sizes}) != 1:
+        raise ValueError(f"contrastive_loss(gather=True) needs the same batch on every rank, got {[int(n) for n in sizes]}")
+    return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
 # --------------------------------------------------------------------------- image-text matching
@@ -139,7 +170,7 @@ def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None)
     column. sim: (B, B), sim[i, j] = score(image i, text j), B >= 2; no gradient flows through sampling;
     a generator must live on sim's device. Returns (neg_text_for_image (B,), neg_image_for_text (B,)) long.
     """
-    _check_tensors(sim=sim)
+    check_tensors(sim=sim)
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"sim must be a square (B, B) matrix, got shape {tuple(sim.shape)}")
     if sim.shape[0] < 2:
@@ -172,7 +203,7 @@ def build_itm_batch(neg_text_for_image: Tensor, neg_image_for_text: Tensor) -> I
     neg_text_for_image = explicit_negative_index(B) (i.e. B + i for image i). Indices must be non-negative
     integers (a negative one would silently wrap around to the end of the pool).
     """
-    _check_tensors(neg_text_for_image=neg_text_for_image, neg_image_for_text=neg_image_for_text)
+    check_tensors(neg_text_for_image=neg_text_for_image, neg_image_for_text=neg_image_for_text)
     for name, t in (("neg_text_for_image", neg_text_for_image), ("neg_image_for_text", neg_image_for_text)):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer (long) tensor of indices, got dtype {t.dtype}")
@@ -202,7 +233,7 @@ def explicit_negative_index(batch_size: int, device: torch.device | str | None =
 
 def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Binary matching as 2-way cross-entropy: logits (N, 2), labels (N,) with 1 = match."""
-    _check_tensors(logits=logits, labels=labels)
+    check_tensors(logits=logits, labels=labels)
     if logits.dim() != 2 or logits.shape[1] != 2:
         raise ValueError(f"logits must be (N, 2), got shape {tuple(logits.shape)}")
     return cross_entropy(logits, labels)
@@ -226,7 +257,7 @@ def mask_tokens(
     labels = original id where selected and -100 elsewhere. A generator must live on ids' device.
     An empty batch or empty sequences (B = 0 or T = 0) select nothing and draw no random numbers.
     """
-    _check_tensors(ids=ids, mask=mask)
+    check_tensors(ids=ids, mask=mask)
     if ids.dim() != 2 or ids.dtype != torch.long:
         raise ValueError(f"ids must be a (B, T) long tensor, got shape {tuple(ids.shape)} dtype {ids.dtype}")
     if mask.dtype != torch.bool or mask.shape != ids.shape:
@@ -270,7 +301,7 @@ def mask_tokens(
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over the selected positions: logits (B, T, V), labels (B, T) with -100 elsewhere."""
-    _check_tensors(logits=logits, labels=labels)
+    check_tensors(logits=logits, labels=labels)
     if logits.dim() != 3:
         raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
     return cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
@@ -292,7 +323,7 @@ def shift_for_lm(ids: Tensor, mask: Tensor) -> LMBatch:
     The training step calls this; `caption_loss` takes the already shifted targets, and a decoder
     never shifts. ids, mask: (B, T) with T >= 2 (e.g. [BOS] w1 ... wn [EOS] [PAD]...).
     """
-    _check_tensors(ids=ids, mask=mask)
+    check_tensors(ids=ids, mask=mask)
     if ids.dim() != 2 or mask.shape != ids.shape or mask.dtype != torch.bool:
         raise ValueError(
             f"ids must be (B, T) with a bool mask of the same shape, got {tuple(ids.shape)} and {tuple(mask.shape)}"
@@ -304,7 +335,7 @@ def shift_for_lm(ids: Tensor, mask: Tensor) -> LMBatch:
 
 def caption_loss(logits: Tensor, targets: Tensor, mask: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Mean next-token cross-entropy over real target tokens: logits (B, T, V), targets, mask (B, T)."""
-    _check_tensors(logits=logits, targets=targets, mask=mask)
+    check_tensors(logits=logits, targets=targets, mask=mask)
     if logits.dim() != 3:
         raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
     if mask.dtype != torch.bool or mask.shape != targets.shape:

@@ -23,6 +23,13 @@ from pathlib import Path
 
 import torch
 
+from mmlite.data import Split, build_tokenizer, load
+from mmlite.evaluate import evaluate_matching
+from mmlite.models import MatchingConfig, MatchingModel
+from mmlite.recipes import train_matching
+from mmlite.text import Tokenizer
+from mmlite.train import FitConfig, History
+
 # name -> MatchingConfig fields; "concat_mlp" is concatenation with a classifier widened to cross-attention's size
 # (fusion + classifier: 117,122 parameters against 116,930), the capacity-matched baseline of chapter 4
 VARIANTS: dict[str, dict[str, object]] = {
@@ -40,17 +47,13 @@ BATCH_SIZE = 64  # images a step (128 pairs)
 HARD_FRACTION = 0.5  # share of the false captions that are the image's own hard negative
 
 
-def matching_fit_config(steps: int, log_every: int = 0):
+def matching_fit_config(steps: int, log_every: int = 0) -> FitConfig:
     """The recipe's optimiser settings: AdamW at 2e-3, warm-up over a tenth of the steps (at most 50), cosine."""
-    from mmlite.train import FitConfig
-
     return FitConfig(steps=steps, lr=2e-3, warmup=min(50, steps // 10), log_every=log_every)
 
 
-def build_matching(variant: str, vocab_size: int, seed: int, device: torch.device | str = "cpu"):
+def build_matching(variant: str, vocab_size: int, seed: int, device: torch.device | str = "cpu") -> MatchingModel:
     """MatchingModel(cnn, gru, variant's fusion) with initial weights from `seed` (the same encoders for every variant)."""
-    from mmlite.models import MatchingConfig, MatchingModel
-
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     torch.manual_seed(seed)
@@ -58,11 +61,9 @@ def build_matching(variant: str, vocab_size: int, seed: int, device: torch.devic
                                         **VARIANTS[variant])).to(device)
 
 
-def train_recipe(variant: str, split, tokenizer, steps: int, seed: int, log_every: int = 0,
-                 device: torch.device | str = "cpu"):
+def train_recipe(variant: str, split: Split, tokenizer: Tokenizer, steps: int, seed: int, log_every: int = 0,
+                 device: torch.device | str = "cpu") -> tuple[MatchingModel, History]:
     """Build and train one model of the recipe on `split`; returns (model, History)."""
-    from mmlite.models import train_matching
-
     model = build_matching(variant, len(tokenizer), seed, device)
     history = train_matching(model, split, tokenizer, matching_fit_config(steps, log_every), batch_size=BATCH_SIZE,
                              hard_fraction=HARD_FRACTION, seed=seed)
@@ -71,9 +72,6 @@ def train_recipe(variant: str, split, tokenizer, steps: int, seed: int, log_ever
 
 def _one_run(job: tuple[str, int, int, int]) -> dict[str, object]:
     """Train and evaluate one (variant, steps, seed) with `threads` threads; returns its record."""
-    from mmlite.data import build_tokenizer, load
-    from mmlite.models import evaluate_matching
-
     variant, steps, seed, threads = job
     torch.set_num_threads(threads)
     world, tokenizer = load("tiny", seed=0), build_tokenizer()

@@ -1,9 +1,10 @@
-"""Reproducibility and device helpers shared by every chapter (introduced in chapter 1)."""
+"""Reproducibility, device and output-path helpers shared by every chapter and command (introduced in chapter 1)."""
 
 from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -113,3 +114,25 @@ def setup(seed: int = 0, threads: int = 2) -> torch.device:
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters in `module` (only those with requires_grad if asked)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def check_output_path(path: str | Path, option: str, folder: bool) -> Path:
+    """Raise ValueError (naming `option`) before any work when `path` cannot be written: empty, below a file,
+    in a folder we may not write, or a folder where a file is wanted (folder=False) or vice versa."""
+    if not str(path).strip():
+        raise ValueError(f"{option} is empty; give a {'folder' if folder else 'file'} path")
+    out = Path(path)
+    if out.name in ("", ".", ".."):
+        raise ValueError(f"{option} {str(path)!r} must end in a {'folder' if folder else 'file'} name")
+    if folder and out.is_file():
+        raise ValueError(f"{option} {out} is an existing file, not a folder")
+    if not folder and out.is_dir():
+        raise ValueError(f"{option} {out} is an existing folder, not a file")
+    for parent in out.absolute().parents:  # the nearest existing ancestor must be a folder we can write in
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {out}: {parent} is a file, so nothing can be created below it")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{option} {out}: no permission to create anything in {parent}")
+            break
+    return out

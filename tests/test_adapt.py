@@ -1,4 +1,4 @@
-"""Tests for mmlite.adapt: freezing, parameter groups, linear probe, zero-shot templates, soft prompts."""
+"""Tests for mmlite.adapt: freezing, linear probe, zero-shot templates, soft prompts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from mmlite.adapt import (
     check_gradients_only_reach,
     fit_linear_probe,
     freeze,
-    param_groups,
     prompted_class_embeddings,
     trainable_parameters,
     unfreeze,
@@ -36,7 +35,7 @@ class TinyDualEncoder(nn.Module):
         self.logit_scale = LogitScale()
 
 
-# --------------------------------------------------------------------------- freezing and groups
+# --------------------------------------------------------------------------- freezing
 def test_freeze_unfreeze_and_trainable_parameters():
     model = TinyDualEncoder()
     n_all = len(list(model.parameters()))
@@ -45,39 +44,6 @@ def test_freeze_unfreeze_and_trainable_parameters():
     assert trainable_parameters(model) == list(model.text_proj.parameters())
     unfreeze(model)
     assert len(trainable_parameters(model)) == n_all
-
-
-def test_param_groups_partition_and_decay_rule():
-    model = TinyDualEncoder()
-    freeze(model.image_encoder.stages[0])
-    groups = param_groups(model, lr=1e-3, weight_decay=0.1,
-                          lr_overrides={"image_encoder": 1e-4, "image_encoder.proj": 5e-4})
-    seen = [id(p) for g in groups for p in g["params"]]
-    expected = [id(p) for p in trainable_parameters(model)]
-    assert len(seen) == len(set(seen)) and sorted(seen) == sorted(expected)  # each trainable param exactly once
-    by_name = {n: g for g in groups for n in g["names"]}
-    assert not any(n.startswith("image_encoder.stages.0.") for n in by_name)  # frozen ones left out
-    decayed = {n for n, g in by_name.items() if g["weight_decay"] > 0}
-    assert decayed == {
-        "image_encoder.stages.1.0.0.weight", "image_encoder.stages.1.1.0.weight", "image_encoder.proj.weight",
-        "text_encoder.blocks.0.attn.q_proj.weight", "text_encoder.blocks.0.attn.k_proj.weight",
-        "text_encoder.blocks.0.attn.v_proj.weight", "text_encoder.blocks.0.attn.out_proj.weight",
-        "text_encoder.blocks.0.ff.linear1.weight", "text_encoder.blocks.0.ff.linear2.weight",
-        "image_proj.weight", "text_proj.weight",
-    }  # embeddings, positions, class token, norms, biases and the logit scale are not decayed
-    assert by_name["image_encoder.stages.1.0.0.weight"]["lr"] == 1e-4
-    assert by_name["image_encoder.proj.weight"]["lr"] == 5e-4  # the longest prefix wins
-    assert by_name["text_proj.weight"]["lr"] == 1e-3
-    torch.optim.AdamW(groups)  # the groups are valid optimizer input
-
-
-def test_param_groups_rejects_unknown_prefix():
-    model = TinyDualEncoder()
-    with pytest.raises(ValueError, match="image"):
-        param_groups(model, 1e-3, 0.1, lr_overrides={"image": 1e-4})  # whole components only
-    freeze(model.text_encoder)
-    with pytest.raises(ValueError, match="text_encoder"):
-        param_groups(model, 1e-3, 0.1, lr_overrides={"text_encoder": 1e-4})
 
 
 # --------------------------------------------------------------------------- linear probe
@@ -173,7 +139,7 @@ def test_soft_prompt_gradients_reach_only_the_context(encoder_kind):
         text = TransformerTextEncoder(20, d_model=8, depth=1, n_heads=2, max_len=10, pool="mean")
         d = 8
     else:
-        text = GRUTextEncoder(20, d_embed=6, d_model=8)
+        text = GRUTextEncoder(20, d_word=6, d_model=8)
         d = 6
     proj = nn.Linear(8, 4)
     freeze(text)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mmlite.attention import set_attention_impl
-from mmlite.blocks import DecoderBlock, EncoderBlock, FeedForward
+from mmlite.blocks import DecoderBlock, EncoderBlock, FeedForward, TransformerStack
 from mmlite.utils import count_parameters
 
 # float32 oracle tolerance: a block is ~10 ops (2 LayerNorms, 4-8 matmuls, softmax, GELU) computed in a different
@@ -121,3 +121,61 @@ def test_impl_switch_and_copy_errors():
         EncoderBlock(8, 2)(torch.randn(1, 3, 6))
     with pytest.raises(ValueError, match="context last dim is 8 but the block was built for d_context=4"):
         DecoderBlock(8, 2, d_context=4)(torch.randn(1, 3, 8), torch.randn(1, 2, 8))
+
+
+# --------------------------------------------------------------------------- the one stack
+def _torch_stack(depth, with_context):
+    layer = (torch.nn.TransformerDecoderLayer if with_context else torch.nn.TransformerEncoderLayer)(
+        16, 4, dim_feedforward=32, dropout=0.0, activation="gelu", norm_first=True, batch_first=True)
+    kind = torch.nn.TransformerDecoder if with_context else torch.nn.TransformerEncoder
+    extra = {} if with_context else {"enable_nested_tensor": False}
+    ref = kind(layer, depth, norm=torch.nn.LayerNorm(16), **extra).eval()
+    with torch.no_grad():  # layers start as copies of one another: make them differ, and the final norm visible
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return ref
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_stack_without_context_matches_torch_encoder(impl, causal):
+    torch.manual_seed(0)
+    ref = _torch_stack(3, with_context=False)
+    stack = TransformerStack(16, 3, 4, ff_hidden=32, causal=causal, impl=impl).copy_from_torch(ref).eval()
+    assert count_parameters(stack) == count_parameters(ref)
+    x = torch.randn(2, 6, 16)
+    mask = _key_mask(6, [6, 4])
+    blocked = ~torch.ones(6, 6, dtype=torch.bool).tril() if causal else None  # True = blocked (torch's convention)
+    expected = ref(x, mask=blocked, src_key_padding_mask=~mask)
+    out = stack(x, mask=mask)
+    torch.testing.assert_close(out[mask], expected[mask], **F32)  # padded rows are meaningless in both
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_stack_with_context_matches_torch_decoder(causal):
+    torch.manual_seed(0)
+    ref = _torch_stack(2, with_context=True)
+    stack = TransformerStack(16, 2, 4, ff_hidden=32, causal=causal, d_context=16).copy_from_torch(ref).eval()
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(2, 5, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    mask, cmask = _key_mask(5, [5, 3]), _key_mask(7, [7, 2])
+    blocked = ~torch.ones(5, 5, dtype=torch.bool).tril() if causal else None
+    expected = ref(x, ctx, tgt_mask=blocked, tgt_key_padding_mask=~mask, memory_key_padding_mask=~cmask)
+    out = stack(x, mask=mask, context=ctx, context_mask=cmask)
+    torch.testing.assert_close(out[mask], expected[mask], **F32)
+
+
+def test_stack_checks_its_context_and_depth():
+    with_ctx, without = TransformerStack(8, 1, 2, d_context=12), TransformerStack(8, 1, 2)
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match="d_context=12"):
+        with_ctx(x)
+    with pytest.raises(ValueError, match="takes no context"):
+        without(x, context=torch.randn(1, 2, 8))
+    with pytest.raises(ValueError, match="d_context"):
+        with_ctx(x, context=torch.randn(1, 2, 8))  # context of the wrong width
+    for depth in (0, 1.5, True):
+        with pytest.raises(ValueError, match="depth"):
+            TransformerStack(8, depth, 2)
+    with pytest.raises(TypeError, match="TransformerDecoder"):
+        with_ctx.copy_from_torch(_torch_stack(1, with_context=False))

@@ -490,6 +490,26 @@ def test_loader_order_and_draws_follow_the_seed_and_epoch(world):
     assert (next(iter(fixed))["caption_index"] == 0).all()
 
 
+def test_sampler_state_resumes_the_exact_batches(world):
+    from mmlite.train import cycle
+
+    tok, split = build_tokenizer(), world["val"]  # 500 images: 2 batches of 200 a pass (drop_last)
+    run = lambda loader, k: [b["image_index"].tolist() + b["caption_index"].tolist()  # noqa: E731
+                             for _, b in zip(range(k), cycle(loader))]
+    whole = run(make_loader(split, tok, 200, shuffle=True, seed=4, drop_last=True), 6)
+    first = make_loader(split, tok, 200, shuffle=True, seed=4, drop_last=True)
+    head = run(first, 3)  # one pass and one batch of the next
+    state = first.sampler.state_dict()
+    assert state == {"epoch": 1, "offset": 200}
+    resumed = make_loader(split, tok, 200, shuffle=True, seed=4, drop_last=True)
+    resumed.sampler.load_state_dict(dict(state))
+    assert head + run(resumed, 3) == whole  # not the start of an epoch again: the batches that were next
+    for bad in ({"epoch": 0}, {"epoch": -1, "offset": 0}, {"epoch": 0, "offset": len(split) + 1},
+                {"epoch": 0.5, "offset": 0}):
+        with pytest.raises(ValueError, match="sampler state"):
+            resumed.sampler.load_state_dict(bad)
+
+
 def test_dataset_and_collate_validate(world):
     tok, split = build_tokenizer(), world["test"]
     with pytest.raises(ValueError, match="caption must be"):

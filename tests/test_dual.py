@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from mmlite.data import DataConfig, build_tokenizer, generate, make_loader
-from mmlite.models import DualEncoder, dual_loss, embed_split, train_dual_encoder
+from mmlite.evaluate import embed_split
+from mmlite.models import DualEncoder
+from mmlite.recipes import train_dual_encoder
+from mmlite.tasks import dual_loss
 from mmlite.train import FitConfig
 
 

@@ -159,19 +159,20 @@ def test_cnn_shapes_for_32_and_64_images(norm):
     cnn = CNNEncoder(width=8, d_model=16, depth=3, norm=norm)
     for size, grid in ((32, 4), (64, 8)):
         assert cnn.grid_size(size) == grid
-        tokens, levels = cnn(torch.rand(2, 3, size, size), return_levels=True)
-        assert tokens.shape == (2, grid * grid, 16)
+        out, levels = cnn(torch.rand(2, 3, size, size), return_levels=True)
+        assert out.tokens.shape == (2, grid * grid, 16) and out.mask.shape == (2, grid * grid) and out.mask.all()
+        torch.testing.assert_close(out.pooled, out.tokens.mean(1))  # pooled = mean of the region tokens
         sides = cnn.level_grid_sizes(size)
         assert sides == [size // 2, size // 4, size // 8]
         assert [lv.shape for lv in levels] == [(2, s * s, c) for s, c in zip(sides, cnn.level_channels)]
-    assert cnn.pooled(torch.rand(2, 3, 32, 32)).shape == (2, 16)
+    assert cnn(torch.rand(2, 3, 32, 32)).pooled.shape == (2, 16)
 
 
 def test_cnn_tokens_are_the_row_major_grid_and_gradients_flow():
     torch.manual_seed(0)
     cnn = CNNEncoder(width=8, d_model=16, depth=2, norm="group")
     images = torch.rand(2, 3, 16, 16)
-    tokens = cnn(images)
+    tokens = cnn(images).tokens
     x = (images - 0.5) / 0.5  # the documented normalisation
     for stage in cnn.stages:
         x = stage(x)
@@ -216,11 +217,12 @@ def test_vit_shapes_and_gradients(size, patch, pool):
     vit = ViTEncoder(image_size=size, patch_size=patch, d_model=16, depth=1, n_heads=2, pool=pool)
     images = torch.rand(2, 3, size, size)
     n = (size // patch) ** 2
-    tokens = vit(images)
-    assert tokens.shape == (2, 1 + n, 16) and vit.grid_size**2 == n
-    pooled = vit.pooled(images)
-    expected = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)
-    torch.testing.assert_close(pooled, expected)
+    tokens, mask, pooled = vit(images)
+    assert tokens.shape == (2, n, 16) and vit.grid_size**2 == n and mask.shape == (2, n) and mask.all()
+    if pool == "mean":
+        torch.testing.assert_close(pooled, tokens.mean(1))
+    else:  # the class token's output is not among the patch tokens
+        assert not any(torch.allclose(pooled, tokens[:, k]) for k in range(n))
     pooled.sum().backward()
     assert all(p.grad is not None for p in vit.parameters())
 
@@ -229,7 +231,9 @@ def test_vit_images_are_independent_in_a_batch():
     torch.manual_seed(0)
     vit = ViTEncoder(image_size=16, patch_size=8, d_model=16, depth=2, n_heads=2)
     images = torch.rand(3, 3, 16, 16)
-    torch.testing.assert_close(vit(images)[1:], vit(images[1:]), **INVARIANT)
+    a, b = vit(images), vit(images[1:])
+    torch.testing.assert_close(a.tokens[1:], b.tokens, **INVARIANT)
+    torch.testing.assert_close(a.pooled[1:], b.pooled, **INVARIANT)
 
 
 def test_vit_rejects_bad_images():
@@ -256,7 +260,7 @@ def _ids_with_padding(g: torch.Generator, lengths: list[int], t: int) -> tuple[t
 
 def _text_encoders():
     torch.manual_seed(0)
-    yield "gru", GRUTextEncoder(V, d_embed=8, d_model=12, num_layers=2)
+    yield "gru", GRUTextEncoder(V, d_word=8, d_model=12, num_layers=2)
     for pool in ("cls", "first", "mean", "last", "none"):
         yield f"tf-{pool}", TransformerTextEncoder(V, d_model=16, depth=2, n_heads=2, max_len=10, pool=pool)
     yield "tf-causal", TransformerTextEncoder(V, d_model=16, depth=2, n_heads=2, max_len=10, pool="last", causal=True)
@@ -266,20 +270,20 @@ def _text_encoders():
 def test_text_encoders_shapes_and_padding_invariance(name, enc):
     g = torch.Generator().manual_seed(5)
     ids, mask = _ids_with_padding(g, [7, 4, 1], 7)
-    tokens, pooled = enc(ids, mask)
-    assert tokens.shape == (3, 7, enc.d_model)
+    tokens, out_mask, pooled = enc(ids, mask)
+    assert tokens.shape == (3, 7, enc.d_model) and torch.equal(out_mask, mask)  # tokens stay aligned with ids
     assert (pooled is None) == (name == "tf-none")
     # changing what sits at padded positions changes neither real outputs nor the pooled vector
     garbage = torch.randint(1, V, ids.shape, generator=g)
-    tokens2, pooled2 = enc(torch.where(mask, ids, garbage), mask)
+    tokens2, _, pooled2 = enc(torch.where(mask, ids, garbage), mask)
     torch.testing.assert_close(tokens2[mask], tokens[mask], **INVARIANT)
     if pooled is not None:
         torch.testing.assert_close(pooled2, pooled, **INVARIANT)
         pooled.sum().backward()
         assert enc.embed(ids).shape == (3, 7, enc.embedding.embedding_dim if name == "gru" else 16)
     # mask defaults to ids != pad_id; running from embeddings is the same computation
-    torch.testing.assert_close(enc(ids)[0], tokens)
-    torch.testing.assert_close(enc.encode_embeddings(enc.embed(ids), mask)[0], tokens)
+    torch.testing.assert_close(enc(ids).tokens, tokens)
+    torch.testing.assert_close(enc.encode_embeddings(enc.embed(ids), mask).tokens, tokens)
 
 
 def test_transformer_text_pooling_definitions():
@@ -288,7 +292,7 @@ def test_transformer_text_pooling_definitions():
     ids, mask = _ids_with_padding(g, [5, 2], 5)
     for pool in ("first", "mean", "last"):
         enc = TransformerTextEncoder(V, d_model=16, depth=1, n_heads=2, max_len=10, pool=pool)
-        tokens, pooled = enc(ids, mask)
+        tokens, _, pooled = enc(ids, mask)
         expected = {"first": tokens[:, 0], "mean": masked_mean(tokens, mask), "last": last_token_pool(tokens, mask)}
         torch.testing.assert_close(pooled, expected[pool])
     torch.testing.assert_close(masked_mean(tokens, mask)[1], tokens[1, :2].mean(0))
@@ -303,22 +307,22 @@ def test_text_and_vit_encoders_agree_between_scratch_and_fused_attention():
     enc = TransformerTextEncoder(V, d_model=16, depth=2, n_heads=2, max_len=10, pool="mean", causal=True)
     vit = ViTEncoder(image_size=16, patch_size=8, d_model=16, depth=2, n_heads=2)
     images = torch.rand(2, 3, 16, 16)
-    tokens, pooled = enc(ids, mask)
-    vit_tokens = vit(images)
+    tokens, _, pooled = enc(ids, mask)
+    vit_tokens = vit(images).tokens
     assert set_attention_impl(enc, "fused") == 2 and set_attention_impl(vit, "fused") == 2
-    tokens_f, pooled_f = enc(ids, mask)
+    tokens_f, _, pooled_f = enc(ids, mask)
     # the fused kernel sums the same dot products in another order: float32 round-off only
     torch.testing.assert_close(tokens_f[mask], tokens[mask], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pooled_f, pooled, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(vit(images), vit_tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vit(images).tokens, vit_tokens, atol=1e-5, rtol=1e-5)
 
 
 def test_gru_text_encoder_pools_last_real_state():
     torch.manual_seed(0)
-    enc = GRUTextEncoder(V, d_embed=8, d_model=12)
+    enc = GRUTextEncoder(V, d_word=8, d_model=12)
     g = torch.Generator().manual_seed(6)
     ids, mask = _ids_with_padding(g, [5, 2], 5)
-    tokens, pooled = enc(ids, mask)
+    tokens, _, pooled = enc(ids, mask)
     torch.testing.assert_close(pooled, tokens[torch.arange(2), torch.tensor([4, 1])])
     assert torch.equal(tokens[~mask], torch.zeros_like(tokens[~mask]))
 
@@ -329,14 +333,14 @@ def test_causal_text_encoder_does_not_look_ahead():
     ids = torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(7))
     changed = ids.clone()
     changed[:, 4] = torch.where(ids[:, 4] == 1, 2, 1)  # a different real token at position 4
-    a, b = enc(ids)[0], enc(changed)[0]
+    a, b = enc(ids).tokens, enc(changed).tokens
     torch.testing.assert_close(a[:, :4], b[:, :4], **INVARIANT)
     assert (a[:, 4:] - b[:, 4:]).abs().amax() > 1e-3
 
 
 def test_text_encoders_validate_ids_and_length():
     tf = TransformerTextEncoder(V, d_model=16, depth=1, n_heads=2, max_len=6)
-    gru = GRUTextEncoder(V, d_embed=8, d_model=12)
+    gru = GRUTextEncoder(V, d_word=8, d_model=12)
     for enc in (tf, gru):
         with pytest.raises(ValueError, match="token id 30"):
             enc(torch.tensor([[1, 30]]))
@@ -369,7 +373,7 @@ def test_text_encoders_accept_an_empty_sequence(name, enc):
     from mmlite.data import build_tokenizer
 
     ids, mask = build_tokenizer().encode_batch(["", ""])  # (2, 0): what empty captions give
-    tokens, pooled = enc(ids, mask)
+    tokens, _, pooled = enc(ids, mask)
     assert tokens.shape == (2, 0, enc.d_model)
     if name == "tf-cls":  # the class vector alone still runs through the blocks
         assert pooled.shape == (2, enc.d_model) and torch.isfinite(pooled).all()
@@ -409,7 +413,10 @@ def test_vit_forward_is_normalise_patchify_prepend_cls_add_positions_blocks_norm
     images = torch.rand(2, 3, 16, 16)
     x = vit.patch_embed.proj(2.0 * images - 1.0).flatten(2).transpose(1, 2)  # [0, 1] -> [-1, 1], then (B, 4, 16)
     x = torch.cat([vit.cls_token.expand(2, -1, -1), x], dim=1) + vit.pos_embed  # (B, 5, 16)
-    for block in vit.blocks:
+    for block in vit.stack.blocks:
         x = block(x)
+    x = vit.stack.norm(x)
+    out = vit(images)
     # the same operations: (x - 0.5) / 0.5 and 2x - 1 round differently in the last bit only
-    torch.testing.assert_close(vit(images), vit.norm(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.tokens, x[:, 1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.pooled, x[:, 0], rtol=1e-5, atol=1e-5)  # pool="cls"

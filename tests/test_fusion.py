@@ -47,7 +47,7 @@ class _AsHierarchical(torch.nn.Module):
     def __init__(self, **kw):
         super().__init__()
         self.inner = HierarchicalFusion([DI, DI], [DT, DT], DOUT, **kw)
-        self.out_dim = self.inner.out_dim
+        self.d_out = self.inner.d_out
 
     def forward(self, image, text, image_mask=None, text_mask=None):
         return self.inner([image, image.flip(-1)], [text, 2 * text], image_mask, text_mask)
@@ -65,7 +65,7 @@ def test_shape_masking_and_gradients(name):
     fusion = _all_fusions()[name].eval()
     image, text, image_mask, text_mask = _inputs()
     out = fusion(image, text, image_mask, text_mask)
-    assert out.shape == (B, fusion.out_dim)
+    assert out.shape == (B, fusion.d_out)
     assert count_parameters(fusion) > 0
     # padding changes nothing
     image2, text2 = image.clone(), text.clone()
@@ -148,7 +148,7 @@ def test_cross_attention_fusion_impls_agree():
     assert set_attention_impl(fusion, "fused") == 4  # 2 layers x 2 directions
     # float32 attention, two paths: same tolerance as the attention oracle tests
     torch.testing.assert_close(fusion(image, text, image_mask, text_mask), scratch, atol=1e-5, rtol=1e-5)
-    assert fusion.out_dim == 16
+    assert fusion.d_out == 16
 
 
 def test_make_fusion_and_input_errors():

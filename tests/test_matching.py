@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from mmlite.data import NEGATIVE_KINDS, DataConfig, build_tokenizer, caption_truth, generate, make_loader
-from mmlite.models import (MatchingConfig, MatchingModel, evaluate_matching, matching_pairs, score_pairs,
-                           train_matching)
+from mmlite.evaluate import evaluate_matching, score_pairs
+from mmlite.models import MatchingConfig, MatchingModel
+from mmlite.recipes import train_matching
+from mmlite.tasks import matching_pairs
 from mmlite.train import FitConfig, fit, warmup_cosine
 
 

@@ -1,6 +1,5 @@
 """The chapters' matching recipe, the stored seed sweep, and the spread table that sets assert bounds."""
 
-import json
 
 import nbformat
 import pytest

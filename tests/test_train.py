@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmlite.train import FitConfig, cycle, evaluating, fit
+from mmlite.train import FitConfig, cycle, evaluating, fit, to_device, unwrap
 
 
 class _Tiny(nn.Module):
@@ -36,6 +36,8 @@ class _Tiny(nn.Module):
     (dict(warmup=1.5), "warmup must be a whole number"),
     (dict(min_lr_ratio=1.5), "ratio in"),
     (dict(log_every=-1), "log_every must be >= 0"),
+    (dict(check_every=0), "check_every must be >= 1"),
+    (dict(check_every=2.0), "check_every must be a whole number"),
 ])
 def test_fit_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -153,3 +155,37 @@ def test_evaluating_restores_the_mode_after_an_exception():
         with evaluating(model):
             raise ValueError("inside")
     assert not model.training  # an eval-mode model stays in eval mode
+
+
+def test_fit_reads_losses_back_every_check_every_steps_and_names_the_first_bad_step():
+    model = nn.Linear(2, 1)
+    x = torch.ones(3, 2)
+    calls = []
+
+    def loss_fn(m, b):
+        calls.append(len(calls))
+        return m(b).pow(2).mean() * (float("nan") if len(calls) == 3 else 1.0)  # step 2 is NaN
+
+    with pytest.raises(FloatingPointError, match="loss is nan at step 2"):
+        fit(model, cycle([x]), loss_fn, FitConfig(steps=10, warmup=0, check_every=4))
+    assert len(calls) == 4, "the losses are read back at step 4, not every step"
+    history = fit(nn.Linear(2, 1), cycle([x]), lambda m, b: m(b).pow(2).mean(),
+                  FitConfig(steps=7, warmup=0, check_every=3))
+    assert len(history.losses) == 7, "and always after the last step"
+
+
+def test_fit_moves_batches_to_the_device_and_hooks_see_the_unwrapped_model():
+    model = _Tiny()
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append((batch["x"].device, batch["pair"][0].device, batch["name"]))
+        return m(batch["x"]).pow(2).mean()
+
+    batch = {"x": torch.ones(2, 3), "pair": (torch.zeros(1), torch.zeros(1)), "name": "kept"}
+    fit(nn.DataParallel(model), cycle([batch]), loss_fn, FitConfig(steps=2, warmup=0),
+        after_step=lambda m: seen.append(type(m)))
+    assert seen[1] is _Tiny and seen[0] == (torch.device("cpu"), torch.device("cpu"), "kept")
+    moved = to_device({"a": [torch.ones(1)], "b": (torch.ones(1), 3)}, "meta")
+    assert moved["a"][0].device.type == "meta" and moved["b"][0].device.type == "meta" and moved["b"][1] == 3
+    assert unwrap(nn.DataParallel(model)) is model and unwrap(model) is model

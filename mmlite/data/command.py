@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from mmlite.cli import check_output_path
+from mmlite.utils import check_output_path
 from mmlite.data.cache import save_world, world_folder
 from mmlite.data.config import PRESETS
 from mmlite.data.dataset import vocabulary

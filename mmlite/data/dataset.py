@@ -117,20 +117,40 @@ class EpochSampler(Sampler):
 
     With shuffle, epoch e visits the images in the order permutation(n) of
     numpy.random.default_rng((seed, e)), so the order depends only on the seed and the epoch.
+    state_dict() is {"epoch", "offset"}: the pass in progress (or the next one) and how many of its indices
+    were handed out. load_state_dict() makes the next pass start there, so a resumed run sees exactly the
+    batches the interrupted one would have. With DataLoader workers the loader fetches ahead of the model:
+    save the position the trainer consumed, (epoch, batches done * batch_size), rather than the sampler's own.
     """
 
     def __init__(self, n: int, shuffle: bool, seed: int = 0) -> None:
-        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.epoch, self.offset = 0, 0
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        self.epoch += 1
+        epoch, start = self.epoch, self.offset
         order = np.random.default_rng((self.seed, epoch)).permutation(self.n) if self.shuffle else range(self.n)
-        for i in order:
-            yield int(i), epoch
+        for k in range(start, self.n):
+            self.offset = k + 1
+            yield int(order[k]), epoch
+        self.epoch, self.offset = epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not isinstance(state, dict) or set(state) != {"epoch", "offset"}:
+            raise ValueError(f"sampler state must be a dict with keys epoch and offset, got {state!r}")
+        epoch, offset = state["epoch"], state["offset"]
+        for name, v in (("epoch", epoch), ("offset", offset)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"sampler state {name} must be a non-negative int, got {v!r}")
+        if offset > self.n:
+            raise ValueError(f"sampler state offset {offset} is past the end of an epoch of {self.n} items")
+        self.epoch, self.offset = epoch, offset
 
 
 def make_loader(split: Split, tokenizer: Tokenizer, batch_size: int, shuffle: bool, seed: int = 0,

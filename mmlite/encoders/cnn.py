@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mmlite.encoders._checks import check_images
+from mmlite.encoders.output import EncoderOutput, all_real
 from mmlite.pooling import masked_mean
 
 NORMS = ("batch", "group", "none")
@@ -82,8 +83,11 @@ class CNNEncoder(nn.Module):
         self.grid_size(image_size)
         return [image_size // 2 ** (i + 1) for i in range(self.depth)]
 
-    def forward(self, images: Tensor, return_levels: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """images: (B, C, H, W) in [0, 1] -> tokens (B, h*w, d_model).
+    def forward(self, images: Tensor, return_levels: bool = False
+                ) -> EncoderOutput | tuple[EncoderOutput, list[Tensor]]:
+        """images: (B, C, H, W) in [0, 1] -> EncoderOutput(tokens (B, h*w, d_model), mask all True, pooled).
+
+        pooled is the mean of the region tokens, (B, d_model).
 
         With return_levels=True also returns every stage's map as tokens, finest first and before
         the projection: [(B, H/2 * W/2, level_channels[0]), (B, H/4 * W/4, level_channels[1]), ...]
@@ -102,8 +106,5 @@ class CNNEncoder(nn.Module):
             if return_levels:
                 levels.append(_to_tokens(x))  # (B, h_i*w_i, C_i)
         tokens = _to_tokens(self.proj(x))  # (B, h*w, d_model)
-        return (tokens, levels) if return_levels else tokens
-
-    def pooled(self, images: Tensor) -> Tensor:
-        """Mean of the region tokens: (B, C, H, W) -> (B, d_model)."""
-        return masked_mean(self.forward(images))
+        out = EncoderOutput(tokens, all_real(tokens), masked_mean(tokens))
+        return (out, levels) if return_levels else out

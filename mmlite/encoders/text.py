@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mmlite.blocks import EncoderBlock
+from mmlite.blocks import TransformerStack
 from mmlite.checks import check_features, check_mask
 from mmlite.encoders._checks import check_ids_and_mask
 from mmlite.encoders.gru import GRU
+from mmlite.encoders.output import EncoderOutput
 from mmlite.pooling import last_token_pool, masked_mean
 
 TEXT_POOLS = ("cls", "first", "mean", "last", "none")
@@ -23,43 +24,46 @@ def _check_embeddings(x: Tensor, mask: Tensor | None, d: int, what: str) -> Tens
 
 
 class GRUTextEncoder(nn.Module):
-    """Word embeddings (d_embed) -> GRU (d_model): tokens are the GRU states, pooled is the last real state.
+    """Word embeddings (d_word) -> GRU (d_model): tokens are the GRU states, pooled is the last real state.
 
-    forward(ids (B, T) long, mask (B, T) bool or None = ids != pad_id) -> (tokens (B, T, d_model), zero at
-    padding; pooled (B, d_model)). Sequences must be right-padded for `pooled` to be the last real token's state.
+    forward(ids (B, T) long, mask (B, T) bool or None = ids != pad_id) -> EncoderOutput(tokens (B, T, d_model),
+    zero at padding; mask; pooled (B, d_model)). Sequences must be right-padded for `pooled` to be the last real
+    token's state.
     """
 
-    def __init__(self, vocab_size: int, d_embed: int, d_model: int, num_layers: int = 1, pad_id: int = 0,
+    def __init__(self, vocab_size: int, d_word: int, d_model: int, num_layers: int = 1, pad_id: int = 0,
                  dropout: float = 0.0) -> None:
         super().__init__()
         if not 0 <= pad_id < vocab_size:
             raise ValueError(f"pad_id {pad_id} is outside [0, vocab_size={vocab_size})")
         self.vocab_size = vocab_size
         self.pad_id = pad_id
-        self.d_embed = d_embed
-        self.d_model = d_model
-        self.embedding = nn.Embedding(vocab_size, d_embed, padding_idx=pad_id)
-        self.gru = GRU(d_embed, d_model, num_layers=num_layers, dropout=dropout)
+        self.d_word = d_word  # width of the word embeddings, the GRU's input
+        self.d_model = d_model  # width of the GRU states, the output tokens
+        self.embedding = nn.Embedding(vocab_size, d_word, padding_idx=pad_id)
+        self.gru = GRU(d_word, d_model, num_layers=num_layers, dropout=dropout)
 
     def embed(self, ids: Tensor) -> Tensor:
-        """Token embeddings (B, T) -> (B, T, d_embed)."""
+        """Token embeddings (B, T) -> (B, T, d_word)."""
         check_ids_and_mask(ids, None, self.vocab_size, self.pad_id)
         return self.embedding(ids)
 
-    def encode_embeddings(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Run the GRU on given embeddings (e.g. with a soft prompt inserted): (B, T, d_embed) -> tokens, pooled."""
-        mask = _check_embeddings(x, mask, self.d_embed, "d_embed")
+    def encode_embeddings(self, x: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        """Run the GRU on given embeddings (e.g. with a soft prompt inserted): (B, T, d_word) -> EncoderOutput."""
+        mask = _check_embeddings(x, mask, self.d_word, "d_word")
         out, h_n = self.gru(x, mask=mask)  # (B, T, d_model), (L, B, d_model)
-        return out, h_n[-1]
+        return EncoderOutput(out, mask, h_n[-1])
 
-    def forward(self, ids: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(B, T) ids -> (tokens (B, T, d_model), pooled (B, d_model))."""
+    def forward(self, ids: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        """(B, T) ids -> EncoderOutput(tokens (B, T, d_model), mask (B, T), pooled (B, d_model))."""
         mask = check_ids_and_mask(ids, mask, self.vocab_size, self.pad_id)
         return self.encode_embeddings(self.embedding(ids), mask)
 
 
 class TransformerTextEncoder(nn.Module):
-    """Token + learned positional embeddings -> pre-norm EncoderBlocks -> final LayerNorm.
+    """Token + learned positional embeddings -> TransformerStack (pre-norm blocks, final LayerNorm).
+
+    forward returns EncoderOutput(tokens (B, T, d_model), mask (B, T), pooled (B, d_model) or None).
 
     pool: "cls" prepends a learned class vector inside and returns its output (dropped from `tokens`,
     so tokens stay aligned with ids); "first" returns the output at position 0, for ids that already
@@ -104,18 +108,16 @@ class TransformerTextEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, max_len, d_model) * 0.02)  # (1, max_len, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model)) if pool == "cls" else None  # (1, 1, D)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            EncoderBlock(d_model, n_heads, ff_hidden=ff_hidden, dropout=dropout, impl=impl) for _ in range(depth)
-        )
-        self.norm = nn.LayerNorm(d_model)
+        self.stack = TransformerStack(d_model, depth, n_heads, ff_hidden=ff_hidden, dropout=dropout, causal=causal,
+                                      impl=impl)
 
     def embed(self, ids: Tensor) -> Tensor:
         """Token embeddings without positions: (B, T) -> (B, T, d_model)."""
         check_ids_and_mask(ids, None, self.vocab_size, self.pad_id)
         return self.token_embed(ids)
 
-    def encode_embeddings(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Add positions and run the blocks on token embeddings (B, T, D) -> (tokens (B, T, D), pooled)."""
+    def encode_embeddings(self, x: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        """Add positions and run the blocks on token embeddings (B, T, D) -> EncoderOutput."""
         mask = _check_embeddings(x, mask, self.d_model, "d_model")
         b, t = x.shape[0], x.shape[1]
         if t > self.max_len:
@@ -123,23 +125,21 @@ class TransformerTextEncoder(nn.Module):
         x = x + self.pos_embed[:, :t]  # (B, T, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)  # (B, 1+T, D)
-            mask = torch.cat([mask.new_ones(b, 1), mask], dim=1)  # (B, 1+T)
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, mask=mask, causal=self.causal)
-        x = self.norm(x)
-        if self.cls_token is not None:
-            return x[:, 1:], x[:, 0]
+            x = self.stack(self.drop(x), mask=torch.cat([mask.new_ones(b, 1), mask], dim=1))  # (B, 1+T, D)
+            return EncoderOutput(x[:, 1:], mask, x[:, 0])
+        x = self.stack(self.drop(x), mask=mask)  # (B, T, D)
         if self.pool == "first":
-            return x, x[:, 0] if t > 0 else x.sum(dim=1)  # T = 0: zeros (B, D), a sum over no token
-        if self.pool == "mean":
-            return x, masked_mean(x, mask)
-        if self.pool == "last":
-            return x, last_token_pool(x, mask)
-        return x, None
+            pooled = x[:, 0] if t > 0 else x.sum(dim=1)  # T = 0: zeros (B, D), a sum over no token
+        elif self.pool == "mean":
+            pooled = masked_mean(x, mask)
+        elif self.pool == "last":
+            pooled = last_token_pool(x, mask)
+        else:
+            pooled = None
+        return EncoderOutput(x, mask, pooled)
 
-    def forward(self, ids: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """(B, T) ids -> (tokens (B, T, d_model), pooled (B, d_model) or None for pool='none')."""
+    def forward(self, ids: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        """(B, T) ids -> EncoderOutput(tokens (B, T, d_model), mask, pooled (B, d_model) or None for pool='none')."""
         mask = check_ids_and_mask(ids, mask, self.vocab_size, self.pad_id)
         if ids.shape[1] > self.max_len:
             raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len={self.max_len}")

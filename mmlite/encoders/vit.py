@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mmlite.blocks import EncoderBlock
+from mmlite.blocks import TransformerStack
 from mmlite.encoders._checks import check_images
+from mmlite.encoders.output import EncoderOutput, all_real
 from mmlite.pooling import masked_mean
 
 POOLS = ("cls", "mean")
@@ -43,11 +44,11 @@ class PatchEmbedding(nn.Module):
 
 
 class ViTEncoder(nn.Module):
-    """[CLS] + patch embeddings + learned positions -> pre-norm EncoderBlocks -> final LayerNorm.
+    """[CLS] + patch embeddings + learned positions -> TransformerStack (pre-norm blocks, final LayerNorm).
 
     Images in [0, 1] are mapped to [-1, 1] first, (x - 0.5) / 0.5, like CNNEncoder.
-    forward returns all tokens (B, 1 + N, d_model), the class token first; `pooled` gives (B, d_model):
-    the class token's output (pool="cls") or the mean of the N patch tokens (pool="mean").
+    forward returns EncoderOutput: tokens are the N patch outputs (B, N, d_model), row-major over the grid;
+    pooled (B, d_model) is the class token's output (pool="cls") or the mean of the patch tokens (pool="mean").
     """
 
     def __init__(
@@ -76,13 +77,10 @@ class ViTEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))  # (1, 1, D)
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.patch_embed.num_patches, d_model) * 0.02)  # (1, 1+N, D)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            EncoderBlock(d_model, n_heads, ff_hidden=ff_hidden, dropout=dropout, impl=impl) for _ in range(depth)
-        )
-        self.norm = nn.LayerNorm(d_model)
+        self.stack = TransformerStack(d_model, depth, n_heads, ff_hidden=ff_hidden, dropout=dropout, impl=impl)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """(B, C, image_size, image_size) in [0, 1] -> tokens (B, 1 + N, d_model)."""
+    def forward(self, images: Tensor) -> EncoderOutput:
+        """(B, C, image_size, image_size) in [0, 1] -> EncoderOutput(patch tokens (B, N, d_model), mask, pooled)."""
         check_images(images, self.patch_embed.in_channels)
         if tuple(images.shape[2:]) != (self.image_size, self.image_size):
             raise ValueError(
@@ -91,15 +89,7 @@ class ViTEncoder(nn.Module):
             )
         x = self.patch_embed((images - 0.5) / 0.5)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = self.drop(torch.cat([cls, x], dim=1) + self.pos_embed)  # (B, 1+N, D)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def pool_tokens(self, tokens: Tensor) -> Tensor:
-        """(B, 1 + N, D) -> (B, D) by this encoder's pooling."""
-        return tokens[:, 0] if self.pool == "cls" else masked_mean(tokens[:, 1:])
-
-    def pooled(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, d_model)."""
-        return self.pool_tokens(self.forward(images))
+        x = self.stack(self.drop(torch.cat([cls, x], dim=1) + self.pos_embed))  # (B, 1+N, D)
+        patches = x[:, 1:]  # (B, N, D)
+        pooled = x[:, 0] if self.pool == "cls" else masked_mean(patches)  # (B, D)
+        return EncoderOutput(patches, all_real(patches), pooled)

@@ -94,13 +94,14 @@ def vit_encoder_flops(encoder: nn.Module, b: int) -> int:
     g, d = pe.grid_size, encoder.d_model
     total = conv2d_flops(b, pe.in_channels, d, g, g, pe.patch_size)
     return total + sum(encoder_block_flops(b, 1 + pe.num_patches, d, blk.ff.linear1.out_features)
-                       for blk in encoder.blocks)
+                       for blk in encoder.stack.blocks)
 
 
 def transformer_text_encoder_flops(encoder: nn.Module, b: int, t: int) -> int:
     """TransformerTextEncoder on (b, t) ids: its blocks over t tokens (+1 with pool="cls"); embeddings are free."""
     t = t + (encoder.cls_token is not None)
-    return sum(encoder_block_flops(b, t, encoder.d_model, blk.ff.linear1.out_features) for blk in encoder.blocks)
+    return sum(encoder_block_flops(b, t, encoder.d_model, blk.ff.linear1.out_features)
+               for blk in encoder.stack.blocks)
 
 
 def gru_flops(b: int, t: int, input_size: int, hidden: int, num_layers: int = 1) -> int:

@@ -1,7 +1,11 @@
-"""Training: the optimisation loop, its learning-rate schedule and parameter groups (chapters 3, 4 and 5)."""
+"""Training: the optimisation loop, its schedule, parameter groups, devices and checkpoints (chapters 3, 4 and 5)."""
 
 from mmlite.train.groups import param_groups, uses_weight_decay
-from mmlite.train.loop import FitConfig, cycle, fit, warmup_cosine
+from mmlite.train.checkpoint import CheckpointError, load_checkpoint, restore, save_checkpoint
+from mmlite.train.devices import model_device, to_device, unwrap
+from mmlite.train.loop import Checkpointing, FitConfig, History, cycle, fit, warmup_cosine
 from mmlite.train.modes import evaluating
 
-__all__ = ["FitConfig", "fit", "cycle", "warmup_cosine", "param_groups", "uses_weight_decay", "evaluating"]
+__all__ = ["FitConfig", "History", "Checkpointing", "fit", "cycle", "warmup_cosine", "param_groups", "uses_weight_decay",
+           "evaluating", "unwrap", "to_device", "model_device", "CheckpointError", "save_checkpoint", "load_checkpoint",
+           "restore"]
