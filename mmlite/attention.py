@@ -5,6 +5,10 @@ For one head, with queries from X1 and keys/values from X2:
     Q1 = X1 W^Q,  K2 = X2 W^K,  V2 = X2 W^V,  A = softmax(Q1 K2^T / sqrt(d_k)),  O = A V2
 
 Self-attention is the case X1 = X2. Every mask is a bool tensor with True = may be attended.
+
+Decoding one token at a time re-uses what earlier steps computed: an AttentionCache keeps one module's keys and
+values (self-attention: they grow by the new tokens at each call; cross-attention: the context's, projected
+once), a LayerCache holds a block's two, and a KVCache holds a whole stack's.
 """
 
 from __future__ import annotations
@@ -150,6 +154,103 @@ def _expand_mask(mask: Tensor | None, name: str, b: int, h: int, tq: int, tk: in
                      f"got shape {tuple(mask.shape)}")
 
 
+def _check_reorder_index(index: object, batch: int | None) -> Tensor:
+    """Raise unless `index` is a 1-D long tensor of rows in [0, batch) (batch None: not yet known); returns it."""
+    check_tensor("index", index)
+    if index.dtype != torch.long:
+        raise TypeError(f"index must be a long tensor of batch rows, got dtype {index.dtype}")
+    if index.dim() != 1 or index.numel() == 0:
+        raise ValueError(f"index must be a non-empty 1-D tensor of batch rows, got shape {tuple(index.shape)}")
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or (batch is not None and hi >= batch):
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"index holds row {bad}, outside the cache's batch [0, {batch})")
+    return index
+
+
+class AttentionCache:
+    """The keys and values one MultiHeadAttention has computed so far, kept between decoding calls.
+
+    Self-attention: k, v (B, heads, T_past, head_dim), extended by the new tokens at every call.
+    Cross-attention: k, v (B, heads, Tc, head_dim) of the context, computed at the first call and reused.
+    """
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None  # (B, heads, T, head_dim); None until the first call
+        self.v: Tensor | None = None  # (B, heads, T, head_dim); None until the first call
+        self.kind: str | None = None  # "self" or "cross" after the first call; a cache serves one kind only
+
+    def __len__(self) -> int:
+        """Number of key positions held (0 before the first call)."""
+        return 0 if self.k is None else self.k.shape[2]
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows held, or None before the first call."""
+        return None if self.k is None else self.k.shape[0]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (B_new,) long, in that order (rows may repeat): k, v -> (B_new, heads, T, hd)."""
+        self._select(_check_reorder_index(index, self.batch_size))
+
+    def _select(self, index: Tensor) -> None:
+        if self.k is not None:
+            self.k = self.k.index_select(0, index.to(self.k.device))  # (B_new, heads, T, head_dim)
+            self.v = self.v.index_select(0, index.to(self.v.device))  # (B_new, heads, T, head_dim)
+
+
+class LayerCache:
+    """The caches of one transformer block: its self-attention's and (decoder blocks) its cross-attention's."""
+
+    def __init__(self) -> None:
+        self.self_attn = AttentionCache()  # grows by the new tokens at each call
+        self.cross_attn = AttentionCache()  # the context's keys/values, computed once (unused by encoder blocks)
+
+    def __len__(self) -> int:
+        """Number of tokens seen so far (the self-attention's length)."""
+        return len(self.self_attn)
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows held, or None before the first call."""
+        return self.self_attn.batch_size if self.self_attn.k is not None else self.cross_attn.batch_size
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (B_new,) long in both caches."""
+        self._select(_check_reorder_index(index, self.batch_size))
+
+    def _select(self, index: Tensor) -> None:
+        self.self_attn._select(index)
+        self.cross_attn._select(index)
+
+
+class KVCache:
+    """The caches of a whole stack, one LayerCache per block, for decoding token by token.
+
+    len(cache) is the number of tokens already processed (T_past): the next token's absolute position.
+    """
+
+    def __init__(self, depth: int) -> None:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        self.layers = [LayerCache() for _ in range(depth)]  # one per block, in order
+
+    def __len__(self) -> int:
+        """Number of tokens processed so far (T_past)."""
+        return len(self.layers[0])
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows held, or None before the first call."""
+        return self.layers[0].batch_size
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (B_new,) long, in that order, in every layer (beam search: select and repeat)."""
+        _check_reorder_index(index, self.batch_size)
+        for layer in self.layers:
+            layer._select(index)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head self- or cross-attention with separate q/k/v/out projections.
 
@@ -190,12 +291,19 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
                 context_mask: Tensor | None = None, causal: bool = False,
-                need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                need_weights: bool = False, cache: AttentionCache | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from x (B, Tq, d_model) to itself, or to `context` (B, Tk, d_context) when given.
 
         `mask` (self-attention) / `context_mask` (cross-attention): key mask (B, Tk), or (B, Tq, Tk), or
         (B, heads, Tq, Tk); True = may attend. Returns (B, Tq, d_model), plus the weights (B, heads, Tq, Tk) when
         need_weights; need_weights runs the scratch path (the fused kernel does not expose the weights).
+
+        With `cache` (an AttentionCache, updated in place) x holds only the new tokens. Self-attention: the keys
+        are the T_past cached positions followed by the Tq new ones, Tk = T_past + Tq, so `mask` is over all of
+        them ((B, T_past + Tq), or (B, Tq, Tk), ...; None = all real), and causal lets the new token at absolute
+        position T_past + i attend to keys 0..T_past + i. Cross-attention: the context is projected at the first
+        call and those keys/values are reused afterwards (a later call must pass a context of the same batch size
+        and length, whose own values are then not read); causal cross-attention has no cached form.
         """
         check_features("x", x, self.d_model, "d_model")
         if context is None:
@@ -210,17 +318,63 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"context batch size is {context.shape[0]} but x batch size is {x.shape[0]}")
             source, key_mask, mask_name = context, context_mask, "context_mask"
         b, tq, tk = x.shape[0], x.shape[1], source.shape[1]
-        attn_mask = _expand_mask(key_mask, mask_name, b, self.n_heads, tq, tk)  # broadcastable to (B, heads, Tq, Tk)
+        if cache is not None:
+            k, v, attn_mask = self._cached_keys_values(x, context, key_mask, mask_name, causal, cache)
+            causal = False  # folded into attn_mask, aligned to the absolute positions
+        else:
+            # broadcastable to (B, heads, Tq, Tk)
+            attn_mask = _expand_mask(key_mask, mask_name, b, self.n_heads, tq, tk)
+            k = self._split(self.k_proj(source))  # (B, heads, Tk, head_dim)
+            v = self._split(self.v_proj(source))  # (B, heads, Tk, head_dim)
 
         q = self._split(self.q_proj(x))  # (B, heads, Tq, head_dim)
-        k = self._split(self.k_proj(source))  # (B, heads, Tk, head_dim)
-        v = self._split(self.v_proj(source))  # (B, heads, Tk, head_dim)
         impl = "scratch" if need_weights else self.impl
         p = self.dropout if self.training else 0.0
         out, weights = scaled_dot_product_attention(q, k, v, mask=attn_mask, causal=causal, dropout_p=p, impl=impl)
         out = out.transpose(1, 2).reshape(b, tq, self.d_model)  # (B, Tq, d_model)
         out = self.out_proj(out)
         return (out, weights) if need_weights else out
+
+    def _cached_keys_values(self, x: Tensor, context: Tensor | None, key_mask: Tensor | None, mask_name: str,
+                            causal: bool, cache: AttentionCache) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Keys, values (B, heads, Tk, head_dim) and mask (broadcastable to (B, heads, Tq, Tk)) of a cached call."""
+        if not isinstance(cache, AttentionCache):
+            raise TypeError(f"cache must be an AttentionCache, got {type(cache).__name__}")
+        kind = "self" if context is None else "cross"
+        if cache.kind is not None and cache.kind != kind:
+            raise ValueError(f"cache holds {cache.kind}-attention keys and cannot serve {kind}-attention")
+        b, tq = x.shape[0], x.shape[1]
+        if cache.k is not None and cache.k.shape[0] != b:
+            raise ValueError(f"cache batch size is {cache.k.shape[0]} but x batch size is {b} "
+                             "(select rows with cache.reorder)")
+        if kind == "self":
+            k_new = self._split(self.k_proj(x))  # (B, heads, Tq, head_dim)
+            v_new = self._split(self.v_proj(x))  # (B, heads, Tq, head_dim)
+            if cache.k is None:
+                k, v = k_new, v_new
+            else:
+                k = torch.cat([cache.k, k_new], dim=2)  # (B, heads, T_past + Tq, head_dim)
+                v = torch.cat([cache.v, v_new], dim=2)  # (B, heads, T_past + Tq, head_dim)
+            tk = k.shape[2]
+            attn_mask = _expand_mask(key_mask, mask_name, b, self.n_heads, tq, tk)
+            if causal:
+                # new query i sits at absolute position T_past + i: it sees keys 0..T_past + i (bottom-right aligned)
+                tri = torch.ones(tq, tk, dtype=torch.bool, device=x.device).tril(diagonal=tk - tq)  # (Tq, Tk)
+                attn_mask = tri if attn_mask is None else attn_mask & tri
+        else:
+            if causal:
+                raise ValueError("causal cross-attention has no cached form; call it with causal=False")
+            if cache.k is None:
+                k = self._split(self.k_proj(context))  # (B, heads, Tc, head_dim)
+                v = self._split(self.v_proj(context))  # (B, heads, Tc, head_dim)
+            else:
+                if context.shape[1] != cache.k.shape[2]:
+                    raise ValueError(f"context length is {context.shape[1]} but the cache holds the keys of a "
+                                     f"context of length {cache.k.shape[2]}")
+                k, v = cache.k, cache.v
+            attn_mask = _expand_mask(key_mask, mask_name, b, self.n_heads, tq, k.shape[2])
+        cache.k, cache.v, cache.kind = k, v, kind
+        return k, v, attn_mask
 
     @torch.no_grad()
     def copy_from_torch(self, mha: nn.MultiheadAttention) -> "MultiHeadAttention":

@@ -8,6 +8,12 @@ Pre-norm residual form, the one torch.nn.TransformerEncoderLayer(norm_first=True
 TransformerStack is depth such blocks and a final LayerNorm. Every transformer of mmlite is one: the ViT,
 the text encoder, the fusion encoder (self-attention + cross-attention to the image), the caption decoder
 (the same, causal) and the generative model's language model (causal, no context).
+
+Decoding token by token, the blocks and the stack take a cache (mmlite.attention.LayerCache / KVCache; the
+stack makes one with new_cache()): x then holds only the new tokens (B, T_new, d_model), which attend causally
+to every cached token and to the new tokens up to their own position; the self-attention mask, when given, is a
+key mask over the cached and the new positions, (B, T_past + T_new). Only causal stacks take a cache: with
+bidirectional attention the cached tokens would have to see the new ones.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmlite.attention import MultiHeadAttention
+from mmlite.attention import AttentionCache, KVCache, LayerCache, MultiHeadAttention
 from mmlite.checks import check_activation, check_dropout, check_features, check_tensor
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # one per checks.ACTIVATION_NAMES; exact (erf) GELU, as torch's
@@ -75,6 +81,18 @@ def _check_torch_layer(layer: nn.Module, expected: type, ff: FeedForward) -> Non
         raise ValueError(f"torch dim_feedforward={layer.linear1.out_features} but ff_hidden={ff.linear1.out_features}")
 
 
+def _self_attention_cache(cache: LayerCache | None, causal: bool) -> AttentionCache | None:
+    """The self-attention part of a block's cache, after checking that the block may use one."""
+    if cache is None:
+        return None
+    if not isinstance(cache, LayerCache):
+        raise TypeError(f"cache must be a LayerCache, got {type(cache).__name__}")
+    if not causal:
+        raise ValueError("a cache needs causal=True: with bidirectional attention the cached tokens would have to "
+                         "attend to the new ones")
+    return cache.self_attn
+
+
 class EncoderBlock(nn.Module):
     """Pre-norm transformer encoder block: self-attention then feed-forward, each with a residual."""
 
@@ -89,10 +107,15 @@ class EncoderBlock(nn.Module):
         self.ff = FeedForward(d_model, ff_hidden, dropout=dropout, activation=activation)
         self.drop2 = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-        """x (B, T, d_model), mask (B, T) key mask (or (B, T, T)), True = real token -> (B, T, d_model)."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False,
+                cache: LayerCache | None = None) -> Tensor:
+        """x (B, T, d_model), mask (B, T) key mask (or (B, T, T)), True = real token -> (B, T, d_model).
+
+        With a cache (causal only, updated in place) x is the new tokens and mask covers (B, T_past + T).
+        """
         check_features("x", x, self.d_model, "d_model", owner="block")
-        x = x + self.drop1(self.attn(self.norm1(x), mask=mask, causal=causal))
+        attn_cache = _self_attention_cache(cache, causal)
+        x = x + self.drop1(self.attn(self.norm1(x), mask=mask, causal=causal, cache=attn_cache))
         return x + self.drop2(self.ff(self.norm2(x)))
 
     def copy_from_torch(self, layer: nn.TransformerEncoderLayer) -> "EncoderBlock":
@@ -125,16 +148,21 @@ class DecoderBlock(nn.Module):
         self.drop3 = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None,
-                context_mask: Tensor | None = None, causal: bool = True) -> Tensor:
+                context_mask: Tensor | None = None, causal: bool = True, cache: LayerCache | None = None) -> Tensor:
         """x (B, T, d_model) attends to itself (causally by default) and to context (B, Tc, d_context) -> (B, T, d_model).
 
         mask (B, T) and context_mask (B, Tc) are key masks, True = real token. causal=False gives the fusion
-        encoder's block (ALBEF's): bidirectional self-attention, then cross-attention to the image.
+        encoder's block (ALBEF's): bidirectional self-attention, then cross-attention to the image. With a cache
+        (causal only, updated in place) x is the new tokens, mask covers (B, T_past + T), and the context's
+        keys/values are projected at the first call and reused.
         """
         check_features("x", x, self.d_model, "d_model", owner="block")
         check_features("context", context, self.d_context, "d_context", owner="block")
-        x = x + self.drop1(self.self_attn(self.norm1(x), mask=mask, causal=causal))
-        x = x + self.drop2(self.cross_attn(self.norm2(x), context=context, context_mask=context_mask))
+        self_cache = _self_attention_cache(cache, causal)
+        cross_cache = None if cache is None else cache.cross_attn
+        x = x + self.drop1(self.self_attn(self.norm1(x), mask=mask, causal=causal, cache=self_cache))
+        x = x + self.drop2(self.cross_attn(self.norm2(x), context=context, context_mask=context_mask,
+                                           cache=cross_cache))
         return x + self.drop3(self.ff(self.norm3(x)))
 
     def copy_from_torch(self, layer: nn.TransformerDecoderLayer) -> "DecoderBlock":
@@ -183,18 +211,35 @@ class TransformerStack(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None) -> Tensor:
-        """x (B, T, d_model), mask (B, T) True = real token; context (B, Tc, d_context) iff built with d_context."""
+                context_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """x (B, T, d_model), mask (B, T) True = real token; context (B, Tc, d_context) iff built with d_context.
+
+        With a cache (from new_cache(); causal stacks only; updated in place) x is the T new tokens, which
+        follow the len(cache) tokens already processed, and mask, when given, covers (B, len(cache) + T).
+        """
         if (context is None) != (self.d_context is None):
             raise ValueError("this stack was built without d_context, so it takes no context" if context is not None
                              else f"this stack was built with d_context={self.d_context}: pass context (B, Tc, "
                                   f"{self.d_context})")
-        for block in self.blocks:
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a KVCache (from new_cache()), got {type(cache).__name__}")
+            if len(cache.layers) != self.depth:
+                raise ValueError(f"cache has {len(cache.layers)} layers but the stack has depth={self.depth}")
+            if not self.causal:
+                raise ValueError("a cache needs a causal stack (causal=True): with bidirectional attention the "
+                                 "cached tokens would have to attend to the new ones")
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layers[i]
             if context is None:
-                x = block(x, mask=mask, causal=self.causal)
+                x = block(x, mask=mask, causal=self.causal, cache=layer_cache)
             else:
-                x = block(x, context, mask=mask, context_mask=context_mask, causal=self.causal)
+                x = block(x, context, mask=mask, context_mask=context_mask, causal=self.causal, cache=layer_cache)
         return self.norm(x)
+
+    def new_cache(self) -> KVCache:
+        """An empty KVCache with one LayerCache per block, for decoding with forward(..., cache=)."""
+        return KVCache(self.depth)
 
     def copy_from_torch(self, stack: nn.TransformerEncoder | nn.TransformerDecoder) -> "TransformerStack":
         """Copy weights from torch.nn.TransformerEncoder / TransformerDecoder (built with norm=LayerNorm); returns self."""

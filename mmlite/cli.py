@@ -1,4 +1,4 @@
-"""The command line: `python -m mmlite data | bench | sweep | book` (each subcommand lives with its module)."""
+"""The command line: `python -m mmlite data | train | bench | sweep | book` (each subcommand lives with its module)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="image side in pixels (default: the preset's, 32)")
 
+    p = sub.add_parser("train", help="train the complete image-text model, evaluate it, write a run folder")
+    from mmlite.experiment.command import add_arguments
+
+    add_arguments(p)
+
     p = sub.add_parser("bench", help="time the from-scratch components against PyTorch's own")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default: cpu)")
@@ -75,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             from mmlite.data.command import run
+        elif args.command == "train":
+            from mmlite.experiment.command import run
         elif args.command == "bench":
             from mmlite.bench import run
         elif args.command == "sweep":

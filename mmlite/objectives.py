@@ -162,13 +162,18 @@ def _all_gather(x: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- image-text matching
-def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None, exclude: Tensor | None = None
+                          ) -> tuple[Tensor, Tensor]:
     """ALBEF's hard negatives: for image i draw text j != i with P(j) proportional to softmax(sim[i])_j.
 
     Equivalently a softmax over row i with the diagonal set to -inf, so the positive has probability
     exactly 0 even when all similarities are equal or one dominates. Likewise for each text over the
     column. sim: (B, B), sim[i, j] = score(image i, text j), B >= 2; no gradient flows through sampling;
     a generator must live on sim's device. Returns (neg_text_for_image (B,), neg_image_for_text (B,)) long.
+
+    exclude (B, B) bool, True = (image i, text j) must never be drawn as a negative pair: the in-batch false
+    negatives (text j is also true of image i: the same scene twice, or "one red circle" under two images).
+    A row (or column) with nothing left to draw gets index -1; drop that pair from the ITM batch.
     """
     check_tensors(sim=sim)
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
@@ -179,11 +184,25 @@ def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None)
     if not bool(torch.isfinite(sim).all()):
         raise ValueError("sim contains inf or NaN")
     eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    if exclude is not None:
+        if exclude.dtype != torch.bool or exclude.shape != sim.shape:
+            raise ValueError(f"exclude must be a bool tensor of sim's shape {tuple(sim.shape)}, got "
+                             f"{exclude.dtype} {tuple(exclude.shape)}")
+        eye = eye | exclude.to(sim.device)
     masked = sim.masked_fill(eye, float("-inf"))
+    none_text, none_image = eye.all(dim=1), eye.all(dim=0)  # (B,) rows / columns with no negative left
+    if exclude is not None:  # give empty rows a dummy distribution, so that the draws below stay defined
+        masked = masked.masked_fill(none_text.unsqueeze(1), 0.0)
     p_text = torch.softmax(masked, dim=1)  # (B, B): row i = P(text j | image i)
-    p_image = torch.softmax(masked.T, dim=1)  # (B, B): row j = P(image i | text j)
+    masked_t = sim.T.masked_fill(eye.T, float("-inf"))
+    if exclude is not None:
+        masked_t = masked_t.masked_fill(none_image.unsqueeze(1), 0.0)
+    p_image = torch.softmax(masked_t, dim=1)  # (B, B): row j = P(image i | text j)
     neg_text = torch.multinomial(p_text, 1, generator=generator).squeeze(1)  # (B,)
     neg_image = torch.multinomial(p_image, 1, generator=generator).squeeze(1)  # (B,)
+    if exclude is not None:
+        neg_text = neg_text.masked_fill(none_text, -1)
+        neg_image = neg_image.masked_fill(none_image, -1)
     return neg_text, neg_image
 
 

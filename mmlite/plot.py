@@ -119,3 +119,48 @@ def arrow(ax, start: tuple[float, float], end: tuple[float, float], color: str =
     if tuple(start) == tuple(end):
         raise ValueError(f"an arrow needs two different points, got {start} twice")
     return ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=8, lw=lw, color=color))
+
+
+_NOT_CURVES = ("step", "split", "lr", "samples_per_s", "seconds")  # fields of a log line that are not losses
+
+
+def plot_learning_curves(log, keys: Sequence[str] | None = None, ax=None, logy: bool = False):
+    """Learning curves from fit's JSONL log (mmlite.train.runlog): a path or its list of records; returns the figure.
+
+    One line per loss term of the step lines ("loss", "itc", ...) against the step, and each validation
+    metric (lines with "split": "val") as markers labelled "val <metric>". keys picks the terms and metrics
+    drawn (default: all of them, terms first); each must occur in some record.
+    """
+    if isinstance(log, str) or hasattr(log, "__fspath__"):
+        from mmlite.train.runlog import read_jsonl
+
+        log = read_jsonl(log)
+    records = list(log)
+    if not records:
+        raise ValueError("plot_learning_curves got no records (an empty log)")
+    bad = [r for r in records if not isinstance(r, dict) or "step" not in r]
+    if bad:
+        raise TypeError(f"plot_learning_curves needs records that are dicts with a 'step', got {bad[0]!r}")
+    train = [r for r in records if "split" not in r]
+    val = [r for r in records if r.get("split") == "val"]
+    terms = list(dict.fromkeys(k for r in train for k in r if k not in _NOT_CURVES))
+    metrics = list(dict.fromkeys(k for r in val for k in r if k not in _NOT_CURVES))
+    if keys is None:
+        keys = terms + [k for k in metrics if k not in terms]
+    unknown = [k for k in keys if k not in terms and k not in metrics]
+    if unknown:
+        raise ValueError(f"keys {unknown} are in no record of the log (terms {terms}, validation metrics {metrics})")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3))
+    for key in (k for k in keys if k in terms):
+        points = [(r["step"], r[key]) for r in train if key in r]
+        ax.plot([s for s, _ in points], [v for _, v in points], label=key, lw=1)
+    for key in (k for k in keys if k in metrics):
+        points = [(r["step"], r[key]) for r in val if key in r]
+        ax.plot([s for s, _ in points], [v for _, v in points], "o", ms=4, label=f"val {key}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss / metric")
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    return ax.figure

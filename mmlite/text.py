@@ -143,6 +143,40 @@ class Tokenizer:
                                          indent=0) + "\n")
 
     @classmethod
+    def from_texts(cls, texts: Iterable[str], min_count: int = 1) -> "Tokenizer":
+        """A tokenizer over the words tokenize() finds in `texts`, seen at least `min_count` times.
+
+        Words are ordered by descending count, ties alphabetically (by code point), so the same texts
+        always give the same ids. tokenize() lower-cases, so a text's "[UNK]" is the ordinary word "[unk]",
+        never the special token; a word the constructor would refuse raises ValueError naming its text.
+        """
+        if isinstance(texts, (str, bytes)):
+            raise TypeError(f"texts must be an iterable of strings, got a single {type(texts).__name__}")
+        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+            raise ValueError(f"min_count must be a positive integer, got {min_count!r}")
+        counts: dict[str, int] = {}
+        first_text: dict[str, int] = {}
+        n_texts = 0
+        for k, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts must be strings, got {type(text).__name__} at position {k}: {text!r:.80}")
+            n_texts += 1
+            for w in cls.tokenize(text):
+                counts[w] = counts.get(w, 0) + 1
+                first_text.setdefault(w, k)
+        if n_texts == 0:
+            raise ValueError("texts is empty: a vocabulary needs at least one text")
+        words = [w for w, c in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])) if c >= min_count]
+        if not words:
+            raise ValueError(f"no word is seen min_count={min_count} times in {n_texts} texts "
+                             f"(the most frequent is seen {max(counts.values(), default=0)} times)")
+        for w in words:  # the constructor's rules, checked here so the error can name the text
+            if w in SPECIALS or w != w.lower() or not _TOKEN_RE.fullmatch(w):
+                raise ValueError(f"word {w!r} of text {first_text[w]} cannot be a vocabulary word "
+                                 f"(specials are {list(SPECIALS)}; words are lower-case single tokens)")
+        return cls(words)
+
+    @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         """Read a tokenizer written by save()."""
         try:

@@ -95,12 +95,23 @@ def test_bad_checkpoints_name_the_file_and_the_problem(tmp_path):
         save_checkpoint(tmp_path, model, step=0)
 
 
-def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path):
+RESUMED_RUNS = {
+    "fp32": {},
+    "accumulate": dict(accumulate=2),  # two micro-batches per step: a step is 2 batches, the stop falls mid-step
+    "bf16": dict(precision="bf16"),  # autocast on the CPU
+    "logged": dict(val_every=2),  # dict losses, a validation that draws random numbers, a JSONL log
+}
+
+
+@pytest.mark.parametrize("kind", list(RESUMED_RUNS))
+def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path, kind):
     from mmlite.data import DataConfig, build_tokenizer, generate, make_loader
-    from mmlite.train import Checkpointing, FitConfig, cycle, fit
+    from mmlite.train import Checkpointing, FitConfig, cycle, fit, read_jsonl
 
     split, tok = generate(DataConfig(n_train=40, n_val=4, n_test=4, n_comp=4), seed=1)["train"], build_tokenizer()
-    cfg = FitConfig(steps=7, warmup=2)  # 7 steps of 16 images: 2 batches a pass, so the stop falls mid-epoch
+    options = RESUMED_RUNS[kind]
+    logged = kind == "logged"
+    accumulate = options.get("accumulate", 1)
 
     class Net(nn.Module):  # dropout draws from the global torch RNG, which the checkpoint must restore
         def __init__(self):
@@ -111,7 +122,12 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path):
             text = self.drop(self.embed(b["caption_ids"]).mean(1))
             return self.out(torch.cat([text, b["image"].mean((2, 3))], 1)).square().mean()
 
-    def run(stop_at=None, resume=None, path=None):
+    def validate(m):  # draws from the global RNG too: it must run at the same point of both runs
+        return {"draw": torch.rand(()).item(), "weight": m.out.weight.sum().item()}
+
+    def run(stop_at=None, resume=None, path=None, log=None):
+        # 7 steps of 16 images: 2 batches a pass, so the stop falls mid-epoch
+        cfg = FitConfig(steps=7, warmup=2, log_path=str(log) if log else None, **options)
         torch.manual_seed(0)
         net = Net()
         # a DataLoader draws a seed for its workers at every pass, from its own generator when it has one and from
@@ -127,18 +143,51 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path):
             calls.append(1)
             if len(calls) == stop_at:
                 raise KeyboardInterrupt  # the run is killed while computing this step
-            return m(b)
+            loss = m(b)
+            return {"loss": loss, "half": 0.5 * loss.detach()} if logged else loss
 
-        return net, fit(net, cycle(loader), loss_fn, cfg, checkpointing=ckpt, resume=resume)
+        return net, fit(net, cycle(loader), loss_fn, cfg, checkpointing=ckpt, resume=resume,
+                        validate=validate if logged else None)
 
-    whole, whole_history = run()
-    with pytest.raises(KeyboardInterrupt):
-        run(stop_at=5, path=tmp_path / "ckpt.pt")  # killed in step 5; the last checkpoint is of step 3
+    whole, whole_history = run(log=tmp_path / "whole.jsonl" if logged else None)
+    with pytest.raises(KeyboardInterrupt):  # killed in step 5; the last checkpoint is of step 3
+        run(stop_at=4 * accumulate + 1, path=tmp_path / "ckpt.pt", log=tmp_path / "run.jsonl" if logged else None)
     state = load_checkpoint(tmp_path / "ckpt.pt", config={"steps": 7})
-    assert state["step"] == 3 and state["sampler"] == {"epoch": 1, "offset": 16}  # mid-epoch
+    assert state["step"] == 3
+    if kind == "fp32":
+        assert state["sampler"] == {"epoch": 1, "offset": 16}  # mid-epoch
     torch.manual_seed(123)  # whatever happened in between
-    resumed, resumed_history = run(resume=state, path=tmp_path / "ckpt.pt")
+    resumed, resumed_history = run(resume=state, path=tmp_path / "ckpt.pt",
+                                   log=tmp_path / "run.jsonl" if logged else None)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs after resuming"
     assert resumed_history.losses == whole_history.losses and resumed_history.lrs == whole_history.lrs
+    assert resumed_history.terms == whole_history.terms and resumed_history.validation == whole_history.validation
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
+    if logged:
+        assert [r["step"] for r in whole_history.validation] == [2, 4, 6, 7]
+        assert len(whole_history.terms["half"]) == 7
+
+        def timeless(path):  # the log without its clock readings
+            return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in read_jsonl(path)]
+
+        # the resumed log kept steps 1-3 of the interrupted run, dropped its step 4, and appended 4-7: each step once
+        assert timeless(tmp_path / "run.jsonl") == timeless(tmp_path / "whole.jsonl")
+        assert [r["step"] for r in read_jsonl(tmp_path / "run.jsonl")] == [1, 2, 2, 3, 4, 4, 5, 6, 6, 7, 7]
+
+
+def test_the_grad_scaler_state_round_trips_and_is_not_dropped(tmp_path):
+    from mmlite.train import FitConfig, cycle, fit
+
+    model, opt, sched = _trained()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    path = save_checkpoint(tmp_path / "ckpt.pt", model, step=3, optimizer=opt, scheduler=sched, scaler=scaler)
+    fresh = torch.amp.GradScaler("cpu")
+    restore(load_checkpoint(path), nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(8, 2)), scaler=fresh)
+    assert fresh.get_scale() == 1024.0 and fresh.state_dict()["growth_interval"] == 7
+    with pytest.raises(CheckpointError, match="holds no scaler state"):
+        restore(load_checkpoint(save_checkpoint(tmp_path / "plain.pt", model, step=1)), model, scaler=fresh)
+    # an fp16 run's checkpoint resumed with another precision would lose its loss scale: refused
+    with pytest.raises(CheckpointError, match=r"grad-scaler state \(an fp16 run\), but this run's precision is 'fp32'"):
+        fit(model, cycle([torch.ones(2, 3)]), lambda m, b: m(b).mean(), FitConfig(steps=4),
+            resume=load_checkpoint(path))

@@ -189,3 +189,278 @@ def test_fit_moves_batches_to_the_device_and_hooks_see_the_unwrapped_model():
     moved = to_device({"a": [torch.ones(1)], "b": (torch.ones(1), 3)}, "meta")
     assert moved["a"][0].device.type == "meta" and moved["b"][0].device.type == "meta" and moved["b"][1] == 3
     assert unwrap(nn.DataParallel(model)) is model and unwrap(model) is model
+
+
+# --------------------------------------------------------------------------- accumulation, precision, terms, logs
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(accumulate=0), ValueError, "accumulate must be >= 1"),
+    (dict(accumulate=2.5), ValueError, "accumulate must be a whole number"),
+    (dict(accumulate=True), TypeError, "accumulate must be a number"),
+    (dict(precision="fp8"), ValueError, r"precision must be one of \('fp32', 'bf16', 'fp16'\), got 'fp8'"),
+    (dict(precision=16), TypeError, "precision must be a string"),
+    (dict(compile=1), TypeError, "compile must be True or False"),
+    (dict(progress="yes"), TypeError, "progress must be True or False"),
+    (dict(log_path=3), TypeError, "log_path must be a path"),
+    (dict(log_path=""), ValueError, "log_path must name a file"),
+    (dict(val_every=-1), ValueError, "val_every must be >= 0"),
+    (dict(val_every=0.5), ValueError, "val_every must be a whole number"),
+])
+def test_fit_config_rejects_bad_new_fields(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        FitConfig(**kwargs)
+
+
+def test_fit_config_log_path_must_not_be_a_folder(tmp_path):
+    with pytest.raises(ValueError, match="log_path must name a file"):
+        FitConfig(log_path=str(tmp_path))
+
+
+def _mean_square(m, b):
+    return m(b).pow(2).mean()  # a mean over the batch
+
+
+def test_accumulating_two_half_batches_equals_one_whole_batch():
+    torch.manual_seed(0)
+    whole = [torch.randn(8, 3) for _ in range(4)]
+    halves = [h for x in whole for h in (x[:4], x[4:])]  # each batch split in two micro-batches, in order
+    torch.manual_seed(1)
+    a = _Tiny()
+    b = _Tiny()
+    b.load_state_dict(a.state_dict())
+    cfg = dict(steps=4, warmup=1, lr=1e-2, grad_clip=None)  # no clipping: it would hide a gradient's scale
+    grads = {"a": [], "b": []}
+    ha = fit(a, iter(whole), _mean_square, FitConfig(**cfg),
+             after_step=lambda m: grads["a"].append([p.grad.clone() for p in m.parameters()]))
+    hb = fit(b, iter(halves), _mean_square, FitConfig(**cfg, accumulate=2),  # draws exactly 8 batches
+             after_step=lambda m: grads["b"].append([p.grad.clone() for p in m.parameters()]))
+    # AdamW hardly sees a gradient's scale, so check the gradients themselves: each micro-loss is divided by 2
+    for g, h in zip(grads["a"][0], grads["b"][0]):
+        torch.testing.assert_close(h, g, rtol=1e-5, atol=1e-7)
+    # the mean of two half-batch means is the whole batch's mean: equal up to float32 rounding, and AdamW's
+    # normalised update keeps it there over 4 steps (measured: losses 1.2e-7 apart, weights 7e-9)
+    torch.testing.assert_close(hb.losses, ha.losses, rtol=1e-5, atol=1e-6)
+    assert hb.lrs == ha.lrs, "the schedule counts optimizer steps, not micro-batches"
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="batches ran out after 3 steps of 4"):
+        fit(_Tiny(), iter(halves[:7]), _mean_square, FitConfig(**cfg, accumulate=2))
+
+
+def test_bf16_autocast_runs_on_the_cpu_close_to_fp32():
+    torch.manual_seed(0)
+    xs = [torch.randn(16, 3) for _ in range(3)]
+    seen = []
+
+    def loss_fn(m, b):
+        y = m.linear(b)
+        seen.append(y.dtype)  # a matmul under autocast runs in bfloat16
+        return m.norm(y).pow(2).mean() + m.embed.weight.pow(2).mean()
+
+    torch.manual_seed(1)
+    ref = _Tiny()
+    low = _Tiny()
+    low.load_state_dict(ref.state_dict())
+    h32 = fit(ref, cycle(xs), loss_fn, FitConfig(steps=6, warmup=0, lr=1e-2))
+    h16 = fit(low, cycle(xs), loss_fn, FitConfig(steps=6, warmup=0, lr=1e-2, precision="bf16"))
+    assert seen[:6] == [torch.float32] * 6 and seen[6:] == [torch.bfloat16] * 6
+    assert all(math.isfinite(v) for v in h16.losses)
+    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2% per operation); measured gap 0.07%, allowed 1%
+    torch.testing.assert_close(h16.losses, h32.losses, rtol=1e-2, atol=1e-3)
+    assert all(q.dtype == torch.float32 for q in low.parameters()), "autocast computes in bf16, weights stay fp32"
+    # AdamW's step is ~lr * sign(gradient), so a weight whose gradient is near 0 may move either way: compare
+    # what the two trained models compute instead, in float32, on the training batches (measured gap 0.005%)
+    with torch.no_grad():
+        after = [sum(loss_fn(m, x).item() for x in xs) for m in (ref, low)]
+    assert after[1] == pytest.approx(after[0], rel=1e-2)
+
+
+def test_fp16_is_refused_on_the_cpu():
+    with pytest.raises(ValueError, match=r"precision='fp16' needs a CUDA device .* the model is on cpu"):
+        fit(_Tiny(), cycle([torch.ones(2, 3)]), _mean_square, FitConfig(steps=1, precision="fp16"))
+
+
+def test_dict_losses_back_propagate_loss_and_log_every_term():
+    torch.manual_seed(0)
+    xs = [torch.randn(4, 3) for _ in range(2)]
+
+    def loss_fn(m, b):
+        y = m(b)
+        a, c = y.pow(2).mean(), y.abs().mean()
+        return {"loss": a + 0.5 * c, "itc": a, "itm": c}
+
+    torch.manual_seed(1)
+    model = _Tiny()
+    twin = _Tiny()
+    twin.load_state_dict(model.state_dict())
+    history = fit(model, cycle(xs), loss_fn, FitConfig(steps=3, warmup=0))
+    plain = fit(twin, cycle(xs), lambda m, b: loss_fn(m, b)["loss"], FitConfig(steps=3, warmup=0))
+    assert history.losses == plain.losses and plain.terms == {}  # "loss" is what is back-propagated
+    assert list(history.terms) == ["itc", "itm"] and all(len(v) == 3 for v in history.terms.values())
+    for a, c, total in zip(history.terms["itc"], history.terms["itm"], history.losses):
+        assert total == pytest.approx(a + 0.5 * c, rel=1e-6)
+    x = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="dict without 'loss'"):
+        fit(_Tiny(), cycle([x]), lambda m, b: {"itc": m(b).mean()}, FitConfig(steps=1))
+    with pytest.raises(ValueError, match=r"shape \(2, 4\) for its loss term 'itm'"):
+        fit(_Tiny(), cycle([x]), lambda m, b: {"loss": m(b).mean(), "itm": m(b)}, FitConfig(steps=1))
+    with pytest.raises(ValueError, match=r"clash with the log's own keys"):
+        fit(_Tiny(), cycle([x]), lambda m, b: {"loss": m(b).mean(), "lr": m(b).mean()}, FitConfig(steps=1))
+    calls = []
+
+    def changing(m, b):
+        calls.append(1)
+        out = {"loss": m(b).mean(), "itc": m(b).mean()}
+        return out if len(calls) == 1 else {"loss": out["loss"]}
+
+    with pytest.raises(ValueError, match=r"terms \[\] at step 1, but \['itc'\] before"):
+        fit(_Tiny(), cycle([x]), changing, FitConfig(steps=2))
+    with pytest.raises(FloatingPointError, match="loss term 'itm' is inf at step 0"):
+        fit(_Tiny(), cycle([x]), lambda m, b: {"loss": m(b).mean(), "itm": torch.tensor(float("inf"))},
+            FitConfig(steps=1))
+
+
+def test_validation_runs_every_val_every_steps_on_the_unwrapped_model_in_eval_mode():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5))
+    calls = []
+
+    def validate(m):
+        calls.append((type(m), m.training, m[1].training, torch.is_inference_mode_enabled()))
+        return {"acc": 0.25 * len(calls), "loss": torch.tensor(1.5)}
+
+    x = torch.ones(4, 3)
+    history = fit(nn.DataParallel(model), cycle([x]), _mean_square, FitConfig(steps=5, warmup=0, val_every=2),
+                  validate=validate)
+    assert calls == [(nn.Sequential, False, False, True)] * 3  # after steps 2, 4 and the last, 5
+    assert history.validation == [{"step": 2, "acc": 0.25, "loss": 1.5}, {"step": 4, "acc": 0.5, "loss": 1.5},
+                                  {"step": 5, "acc": 0.75, "loss": 1.5}]
+    assert model.training and model[1].training, "fit puts the model back in train mode"
+    with pytest.raises(ValueError, match="val_every is 0 but validate is given"):
+        fit(model, cycle([x]), _mean_square, FitConfig(steps=1), validate=validate)
+    with pytest.raises(ValueError, match="val_every is 2 but validate is None"):
+        fit(model, cycle([x]), _mean_square, FitConfig(steps=1, val_every=2))
+    with pytest.raises(TypeError, match="metric 'acc' must be a number, got str"):
+        fit(model, cycle([x]), _mean_square, FitConfig(steps=1, val_every=1), validate=lambda m: {"acc": "high"})
+    with pytest.raises(FloatingPointError, match="metric 'acc' is nan after step 1"):
+        fit(model, cycle([x]), _mean_square, FitConfig(steps=1, val_every=1), validate=lambda m: {"acc": math.nan})
+
+
+def test_the_jsonl_log_has_a_line_per_step_and_per_validation(tmp_path):
+    import json
+
+    from mmlite.train import read_jsonl, warmup_cosine
+
+    torch.manual_seed(0)
+    xs = [{"x": torch.randn(6, 3), "names": ["a"] * 6}, {"x": torch.randn(6, 3), "names": ["b"] * 6}]
+
+    def loss_fn(m, b):
+        y = m(b["x"])
+        return {"loss": y.pow(2).mean(), "mlm": y.abs().mean()}
+
+    path = tmp_path / "logs" / "run.jsonl"
+    cfg = FitConfig(steps=4, warmup=2, lr=1e-2, log_path=str(path), val_every=3, accumulate=2)
+    history = fit(_Tiny(), cycle(xs), loss_fn, cfg, validate=lambda m: {"recall@1": 0.5})
+    lines = path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records == read_jsonl(path)
+    train = [r for r in records if "split" not in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 3, 4, 4]  # each validation after its step's line
+    assert [r for r in records if "split" in r] == [{"step": 3, "split": "val", "recall@1": 0.5},
+                                                    {"step": 4, "split": "val", "recall@1": 0.5}]
+    assert all(list(r) == ["step", "loss", "mlm", "lr", "samples_per_s", "seconds"] for r in train)
+    assert [r["loss"] for r in train] == history.losses and [r["mlm"] for r in train] == history.terms["mlm"]
+    assert [r["lr"] for r in train] == [1e-2 * warmup_cosine(s, cfg) for s in range(4)]  # the rate each step used
+    assert all(r["samples_per_s"] > 0 for r in train)  # 2 micro-batches of 6 samples per step
+    assert all(0 < a["seconds"] < b["seconds"] for a, b in zip(train, train[1:]))
+    fit(_Tiny(), cycle(xs), loss_fn, FitConfig(steps=1, log_path=str(path)))
+    assert len(read_jsonl(path)) == 1, "a new run (no resume) starts a new log"
+    with pytest.raises(ValueError, match="holds no such tensor"):
+        fit(_Tiny(), cycle([None]), lambda m, b: m.embed.weight.sum(), FitConfig(steps=1, log_path=str(path)))
+
+
+def test_read_jsonl_skips_a_cut_last_line_and_names_a_bad_one(tmp_path):
+    from mmlite.train import read_jsonl
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed while writing step 2
+    assert read_jsonl(path) == [{"step": 1, "loss": 2.0}]
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"log\.jsonl line 2 is not JSON"):
+        read_jsonl(path)
+
+
+def test_progress_bar_shows_loss_and_samples_per_second(capsys):
+    fit(_Tiny(), cycle([torch.ones(5, 3)]), _mean_square, FitConfig(steps=3, warmup=0, progress=True, log_every=3))
+    captured = capsys.readouterr()
+    assert "samples_per_s" in captured.err and "loss" in captured.err and "3/3" in captured.err
+    assert "step     3  loss" in captured.out  # log_every still prints, above the bar
+
+
+def test_compile_computes_the_loss_through_the_compiled_model(monkeypatch):
+    class Compiled(nn.Module):  # stands in for torch.compile's OptimizedModule, which keeps the module as _orig_mod
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module
+
+        def forward(self, *args):
+            return self._orig_mod(*args)
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(Compiled(m)) or compiled[-1])
+    model, seen = _Tiny(), []
+    fit(model, cycle([torch.ones(2, 3)]), lambda m, b: seen.append(type(m)) or _mean_square(m, b),
+        FitConfig(steps=2, warmup=0, compile=True), after_step=lambda m: seen.append(type(m)))
+    assert len(compiled) == 1 and compiled[0]._orig_mod is model
+    assert seen == [Compiled, _Tiny, Compiled, _Tiny], "the loss goes through the compiled model, hooks get the module"
+    seen.clear()
+    fit(model, cycle([torch.ones(2, 3)]), lambda m, b: seen.append(type(m)) or _mean_square(m, b),
+        FitConfig(steps=1, warmup=0))
+    assert len(compiled) == 1 and seen == [_Tiny], "compile is off by default"
+
+
+def test_plot_learning_curves_draws_each_term_and_validation_markers(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from mmlite.plot import plot_learning_curves
+
+    records = [{"step": s, "loss": 3.0 / s, "itc": 2.0 / s, "lr": 1e-3, "samples_per_s": 100.0, "seconds": s}
+               for s in range(1, 6)] + [{"step": 5, "split": "val", "recall@1": 0.4}]
+    fig = plot_learning_curves(records)
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["loss", "itc", "val recall@1"]
+    assert list(ax.get_lines()[0].get_xdata()) == [1, 2, 3, 4, 5]
+    assert ax.get_lines()[2].get_marker() == "o" and list(ax.get_lines()[2].get_ydata()) == [0.4]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(__import__("json").dumps(r) + "\n" for r in records))
+    fig2 = plot_learning_curves(str(path), keys=["itc"])
+    assert [line.get_label() for line in fig2.axes[0].get_lines()] == ["itc"]
+    with pytest.raises(ValueError, match=r"keys \['mlm'\] are in no record"):
+        plot_learning_curves(records, keys=["mlm"])
+    with pytest.raises(ValueError, match="no records"):
+        plot_learning_curves([])
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_a_loss_module_runs_a_loss_that_calls_methods_and_unwraps_to_the_model(tmp_path):
+    from mmlite.train import Checkpointing, LossModule, load_checkpoint
+
+    torch.manual_seed(0)
+    model = _Tiny()
+    twin = _Tiny()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3)
+
+    def by_parts(m, b):  # calls submodules, as the book's contrastive and ALBEF losses do
+        return m.norm(m.linear(b)).pow(2).mean() + m.embed.weight.pow(2).mean()
+
+    seen = []
+    fit(LossModule(model, by_parts), cycle([x]), lambda m, b: m(b), FitConfig(steps=2, warmup=0),
+        after_step=lambda m: seen.append(type(m)), checkpointing=Checkpointing(tmp_path / "c.pt", every=2))
+    fit(twin, cycle([x]), by_parts, FitConfig(steps=2, warmup=0))
+    assert seen == [_Tiny, _Tiny] and unwrap(LossModule(model, by_parts)) is model
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b), "the wrapper changes nothing of the computation"
+    assert set(load_checkpoint(tmp_path / "c.pt")["model"]) == set(model.state_dict()), "the bare model is stored"

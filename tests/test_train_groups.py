@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from mmlite.adapt import freeze, trainable_parameters
 from mmlite.train import param_groups
@@ -41,3 +42,15 @@ def test_param_groups_rejects_unknown_prefix():
     freeze(model.text_encoder)
     with pytest.raises(ValueError, match="text_encoder"):
         param_groups(model, 1e-3, 0.1, lr_overrides={"text_encoder": 1e-4})
+
+
+def test_a_tied_parameter_is_grouped_once_by_its_first_owner():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied, as an LM head is to its token embedding
+    model = nn.Sequential(emb, head)
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1)
+    params = [p for g in groups for p in g["params"]]
+    assert len(params) == 1 and params[0] is emb.weight
+    assert [g["weight_decay"] for g in groups] == [0.0]  # an embedding table is never decayed
+    torch.optim.AdamW(groups)  # torch accepts the groups (it refuses a parameter in two groups)

@@ -42,7 +42,8 @@ class ShapesDataset(Dataset):
       image (3, H, W) float32 in [0, 1]; image_index and caption_index () long;
       objects (MAX_OBJECTS, 6) long (columns mmlite.data.world.FIELDS);
       caption_ids, negative_ids, question_ids (T,) long, each wrapped as [BOS] ... [EOS];
-      negative_kind () long (index into NEGATIVE_KINDS); answer () long (index into ANSWERS);
+      negative_kind () long (index into NEGATIVE_KINDS; -1 with negative_ids [BOS] [EOS] for the rare scene
+      that has no negative); answer () long (index into ANSWERS);
       question_type () long (index into QUESTION_TYPES).
     """
 
@@ -72,7 +73,9 @@ class ShapesDataset(Dataset):
         u = np.random.default_rng((self.seed, int(epoch), index)).random(3)  # caption, negative, question
         captions = s.captions[index]
         c = int(u[0] * len(captions)) if self.caption == "random" else 0 if self.caption == "first" else self.caption
-        negative, kind = s.negatives[index][int(u[1] * len(s.negatives[index]))]
+        negs = s.negatives[index]
+        # a scene the grammar cannot falsify (about 1 in 1,300: one object, every edit held out) has no negative
+        negative, kind = negs[int(u[1] * len(negs))] if negs else ("", None)
         questions = s.questions[index]
         q = int(u[2] * len(questions)) if self.question == "random" else self.question
         question, answer, qtype = questions[q]
@@ -84,7 +87,7 @@ class ShapesDataset(Dataset):
             "caption_index": long(c),
             "caption_ids": long(enc(captions[c], add_bos_eos=True, strict=True)),
             "negative_ids": long(enc(negative, add_bos_eos=True, strict=True)),
-            "negative_kind": long(NEGATIVE_KINDS.index(kind)),
+            "negative_kind": long(NEGATIVE_KINDS.index(kind) if kind is not None else -1),
             "question_ids": long(enc(question, add_bos_eos=True, strict=True)),
             "answer": long(ANSWERS.index(answer)),
             "question_type": long(QUESTION_TYPES.index(qtype)),

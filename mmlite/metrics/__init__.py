@@ -6,7 +6,7 @@ world's truth), binding, stats (bootstrap intervals, paired tests) and efficienc
 
 from mmlite.metrics.binding import (CHANCE_GROUP, CHANCE_IMAGE, CHANCE_TEXT, WinogroundGroups, binding_accuracy,
                                     score_groups, winoground_groups, winoground_scores)
-from mmlite.metrics.captioning import bleu, bleu_statistics, cider_d
+from mmlite.metrics.captioning import bleu, bleu_from_statistics, bleu_statistics, cider_d
 from mmlite.metrics.classification import (CalibrationBins, accuracy, calibration_bins, confusion_matrix,
                                           expected_calibration_error, per_class_accuracy, roc_auc)
 from mmlite.metrics.efficiency import (FlopCount, Latency, PeakMemory, attention_flops, cnn_encoder_flops,
@@ -32,7 +32,7 @@ __all__ = [
     "vit_encoder_flops", "transformer_text_encoder_flops", "gru_flops", "latency", "Latency", "peak_memory",
     "PeakMemory",
     # captioning, vqa, scene, binding
-    "bleu", "bleu_statistics", "cider_d",
+    "bleu", "bleu_statistics", "bleu_from_statistics", "cider_d",
     "normalize_answer", "vqa_exact_accuracy", "vqa_soft_score", "vqa_soft_accuracy",
     "caption_precision", "caption_recall", "caption_mentions", "hallucination", "pope_yes_ratio", "pope_summary",
     "winoground_scores", "winoground_groups", "score_groups", "WinogroundGroups", "binding_accuracy",

@@ -104,7 +104,16 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: 
     Returns bleu_1 .. bleu_n, precision_1 .. precision_n, brevity_penalty, hyp_len, ref_len.
     """
     stats = bleu_statistics(hypotheses, references, max_n)
-    matches, totals, c, r = stats["matches"], stats["totals"], stats["hyp_len"], stats["ref_len"]
+    return bleu_from_statistics(stats["matches"], stats["totals"], stats["hyp_len"], stats["ref_len"])
+
+
+def bleu_from_statistics(matches: Sequence[int], totals: Sequence[int], c: int, r: int) -> dict[str, float]:
+    """Corpus BLEU (the formula of `bleu`) from summed statistics: clipped matches and totals per order
+    1..n, hypothesis length c and reference length r. Summing per-sentence statistics of a resample
+    gives that resample's corpus BLEU without recounting n-grams (a fast bootstrap)."""
+    max_n = len(matches)
+    if len(totals) != max_n or max_n < 1:
+        raise ValueError(f"matches and totals need one count per n-gram order, got {len(matches)} and {len(totals)}")
     bp = 1.0 if c > r else (math.exp(1.0 - r / c) if c > 0 else 0.0)
     precisions = [m / t if t > 0 else 0.0 for m, t in zip(matches, totals)]
     out: dict[str, float] = {}

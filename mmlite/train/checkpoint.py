@@ -80,7 +80,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, step: int, config: dict[
 
     model may be wrapped (DDP, torch.compile): the unwrapped module's weights are stored, so the file loads into
     a bare model. config must be plain data (numbers, strings, lists, dicts): it is what load_checkpoint compares.
-    sampler is the data order's state_dict (mmlite.data.EpochSampler); extra any other plain data.
+    sampler is the data order's state_dict (mmlite.data.EpochSampler, or mmlite.train.ShardedEpochSampler, whose
+    state is the same on every rank); scaler a torch.amp.GradScaler (fp16 runs); extra any other plain data.
     """
     path = Path(path)
     if path.is_dir():

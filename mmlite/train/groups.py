@@ -26,15 +26,19 @@ def param_groups(
 
     Weight decay follows `uses_weight_decay`; lr_overrides maps a parameter-name prefix (e.g.
     "image_encoder") to its own learning rate, the longest matching prefix winning. Every prefix
-    must match at least one trainable parameter. Each group also carries its parameter "names".
+    must match at least one trainable parameter. Each group also carries its parameter "names". A parameter
+    shared by two modules (an LM head tied to its token embedding) is grouped once, by its first owner in
+    module order (the embedding, so it is not decayed).
     """
     overrides = dict(lr_overrides or {})
     used: set[str] = set()
+    seen: set[int] = set()
     groups: dict[tuple[float, bool], dict] = {}
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in seen:
                 continue
+            seen.add(id(p))
             full = f"{module_name}.{pname}" if module_name else pname
             hits = [pre for pre in overrides if _matches(full, pre)]
             group_lr = lr
