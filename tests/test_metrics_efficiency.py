@@ -144,3 +144,17 @@ def test_peak_memory_cpu():
         assert m.delta_bytes >= 0.8 * 64 * 2**20
     with pytest.raises(ValueError, match="device must be one of"):
         peak_memory(work, device="xla")
+
+
+def test_model_flops_utilisation():
+    from mmlite.metrics.efficiency import model_flops_utilisation
+
+    # 6 B in out FLOPs per step of B samples: 6 in out per sample; 100 samples/s against a 1 GFLOP/s peak
+    per_sample = 6 * 64 * 32
+    assert model_flops_utilisation(per_sample, 100.0, 1e9) == pytest.approx(per_sample * 100 / 1e9)
+    assert model_flops_utilisation(2e9, 10.0, 4e10) == pytest.approx(0.5)
+    assert model_flops_utilisation(0, 10.0, 1e9) == 0.0
+    for bad in [(-1, 1.0, 1.0), (1.0, float("nan"), 1.0), (1.0, 1.0, 0), (1.0, 1.0, float("inf")), (True, 1.0, 1.0),
+                ("1", 1.0, 1.0)]:
+        with pytest.raises(ValueError):
+            model_flops_utilisation(*bad)

@@ -151,3 +151,15 @@ def test_format_ci():
         format_ci(float("nan"), 0.1, 0.2)
     with pytest.raises(ValueError, match="digits"):
         format_ci(0.5, 0.4, 0.6, digits=-1)
+
+
+def test_a_cluster_draw_concatenates_the_drawn_clusters_members():
+    """The vectorised draw equals the plain loop over the drawn clusters, for the same random numbers."""
+    from mmlite.metrics.stats import _draw, _units
+
+    clusters = np.random.default_rng(0).integers(0, 40, 250)
+    units = _units(clusters, 250)
+    for seed in range(5):
+        got = _draw(units, np.random.default_rng(seed))
+        picked = np.random.default_rng(seed).integers(0, units.n, units.n)
+        assert np.array_equal(got, np.concatenate([units.members[u] for u in picked]))

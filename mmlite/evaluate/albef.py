@@ -80,8 +80,10 @@ def evaluate_albef(model: nn.Module, split: Any, tokenizer: Tokenizer, k_rerank:
                    parts: Sequence[str] = ("retrieval", "itm", "vqa", "caption")) -> Evaluation:
     """Run the model over a split of the shapes world (a mmlite.data.Split) or of pairs from disk.
 
-    retrieval: every caption of every image; ITC recall both ways, then ITM re-ranking of the top k_rerank
-      (ALBEF's protocol, mmlite.metrics.rerank_topk), and the gallery's recall ceiling when the scenes are known.
+    retrieval: ITC recall both ways, then ITM re-ranking of the top k_rerank (ALBEF's protocol,
+      mmlite.metrics.rerank_topk, keys "..._itm"), and the gallery's recall ceiling when the scenes are known
+      ("..._ceiling"), over two galleries: every caption of every image (COCO's protocol), and each image's
+      first caption, the listing of all its objects (keys "..._first...").
     itm: each image with its first caption (label 1) and one of the world's hard negatives (label 0; a
       seeded draw among its kinds): accuracy at P(match) > 0.5 and ROC AUC.
     vqa: every question of every image, accuracy of the answer head.
@@ -115,20 +117,28 @@ def evaluate_albef(model: nn.Module, split: Any, tokenizer: Tokenizer, k_rerank:
                              for r in _batches(len(texts), 1000)])
             sim = (z_i.double() @ z_t.double().T).numpy()  # (images, texts)
             evaluation.similarity = sim
-            ranked = rerank_topk(sim, lambda i, j: match(i, j, text), k=min(k_rerank, n, len(texts)))
-            per = {"": retrieval_per_query(sim, t2i, ks=(1, 5)),
-                   "_itm": retrieval_per_query(ranked.i2t, t2i, ks=(1, 5), t2i_similarity=ranked.t2i)}
-            for suffix, hits in per.items():
-                for d in ("i2t", "t2i"):
-                    for k in (1, 5):
-                        clusters = np.arange(n) if d == "i2t" else t2i
-                        metrics[f"{d}_r{k}{suffix}"] = _interval(np.mean, hits[f"{d}_r{k}"], clusters=clusters,
-                                                                 n=n_bootstrap, seed=seed)
-            if has_scenes:
-                truth = truth_matrix(split.objects, texts, margin)
-                ceiling = recall_ceiling(t2i, truth, ks=(1, 5))
-                for key in ("t2i_r1", "t2i_r5", "i2t_r1"):
-                    metrics[f"{key}_ceiling"] = {"value": ceiling[key], "low": ceiling[key], "high": ceiling[key]}
+            truth = truth_matrix(split.objects, texts, margin) if has_scenes else None
+            # two galleries: every caption (COCO's protocol) and each image's first caption only, the listing of
+            # all its objects (one text per image, specific enough that the ceiling is near 1)
+            first = np.r_[0, np.cumsum([len(c) for c in split.captions])[:-1]]
+            galleries = {"": np.arange(len(texts)), "_first": first}
+            for gallery, cols in galleries.items():
+                g_sim, g_t2i = sim[:, cols], t2i[cols]
+                ranked = rerank_topk(g_sim, lambda i, j: match(i, cols[j], text), k=min(k_rerank, n, len(cols)))
+                per = {"": retrieval_per_query(g_sim, g_t2i, ks=(1, 5)),
+                       "_itm": retrieval_per_query(ranked.i2t, g_t2i, ks=(1, 5), t2i_similarity=ranked.t2i)}
+                for how, hits in per.items():
+                    for d in ("i2t", "t2i"):
+                        for k in (1, 5):
+                            clusters = np.arange(n) if d == "i2t" else g_t2i
+                            metrics[f"{d}_r{k}{gallery}{how}"] = _interval(np.mean, hits[f"{d}_r{k}"],
+                                                                           clusters=clusters, n=n_bootstrap,
+                                                                           seed=seed)
+                if truth is not None:
+                    ceiling = recall_ceiling(g_t2i, truth[:, cols], ks=(1, 5))
+                    for key in ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5"):
+                        value = ceiling[key]
+                        metrics[f"{key}{gallery}_ceiling"] = {"value": value, "low": value, "high": value}
         if "itm" in parts and has_scenes and getattr(split, "negatives", None):
             owners = np.array([i for i in range(n) if split.negatives[i]])  # (a rare scene has no negative)
             negs = [split.negatives[i][int(rng.integers(len(split.negatives[i])))][0] for i in owners]

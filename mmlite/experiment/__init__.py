@@ -5,7 +5,7 @@
 """
 
 from mmlite.experiment.config import PRESETS, JobSettings, ModelSettings, TrainJob, override, preset, resolve
-from mmlite.experiment.run import flat_config, format_metrics, train_job, world_for
+from mmlite.experiment.run import flat_config, format_metrics, load_run, train_job, world_for
 
 __all__ = ["PRESETS", "JobSettings", "ModelSettings", "TrainJob", "override", "preset", "resolve", "train_job",
-           "flat_config", "format_metrics", "world_for"]
+           "flat_config", "format_metrics", "load_run", "world_for"]

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="train on image-caption pairs from this CSV (open_clip's layout)")
     p.add_argument("--val-data", default=None, help="with --data: the validation CSV that metrics.json scores")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--ship", action="store_true",
+                   help="keep only what inference needs: delete the resumable checkpoint.pt after the run "
+                        "(model.pt, config, metrics, log, curves and report stay): how data/models/ is made")
 
 
 def _device(name: str):
@@ -35,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown preset {args.preset!r}; presets are {', '.join(PRESETS)}")
     job = resolve(args.preset, args.sets)  # every --set key and value checked here
     device = _device(args.device)
+    if job.fit.precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"fit.precision=fp16 needs CUDA (autocast to float16 with a GradScaler); this run is on "
+                         f"{device.type}: use bf16 or fp32")
+    if job.fit.precision == "bf16" and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"fit.precision=bf16 runs on cpu or cuda, not {device.type}")
     out = check_output_path(args.out or f"runs/{args.preset}", "--out", folder=True)
     if args.resume and not (out / "checkpoint.pt").is_file():
         raise ValueError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
@@ -52,11 +60,16 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = tokenizer_from_captions(c for caps in world["train"].captions for c in caps)
         import dataclasses
         job = dataclasses.replace(job, job=dataclasses.replace(job.job, eval_splits=("val",)))
-    print(f"train: preset {args.preset} ({PRESET_NOTES[args.preset]}) on {device}, into {out}")
+    if os.environ.get("RANK", "0") == "0":
+        changed = f", with {len(args.sets)} --set" if args.sets else ""
+        source = f"pairs from {args.data}" if args.data else PRESET_NOTES[args.preset]
+        print(f"train: preset {args.preset}{changed} ({source}) on {device or 'one device per process'}, into {out}")
     from mmlite.experiment.run import train_job
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device == "auto":
         device = None  # under torchrun each process takes its own GPU (cuda:LOCAL_RANK), or the CPU
 
     train_job(job, out, device, resume=args.resume, progress=not args.no_progress, world=world, tokenizer=tokenizer)
+    if args.ship:
+        (out / "checkpoint.pt").unlink(missing_ok=True)
     return 0

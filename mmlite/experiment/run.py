@@ -27,15 +27,17 @@ from mmlite.data.splits import generate
 from mmlite.evaluate.albef import evaluate_albef
 from mmlite.experiment.config import TrainJob
 from mmlite.models.albef import ALBEF
-from mmlite.tasks.albef import ALBEFPretraining, add_truth
+from mmlite.tasks.albef import TERMS, ALBEFPretraining, add_truth
 from mmlite.text import Tokenizer
-from mmlite.train import Checkpointing, cycle, fit, load_checkpoint, to_device
+from mmlite.train import Checkpointing, cycle, fit, load_checkpoint, restore, save_checkpoint, to_device
 from mmlite.train.distributed import ShardedEpochSampler, barrier, cleanup, init_distributed, wrap_ddp
 from mmlite.utils import seed_everything
 
 # the figures metrics.json holds for a split of the shapes world (a CSV split has the retrieval and caption ones)
-HEADLINE = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "t2i_r1_ceiling", "t2i_r1_itm", "t2i_r5_itm", "itm_acc",
-            "itm_auc", "vqa_acc", "bleu4", "cider", "caption_precision")
+HEADLINE = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "t2i_r1_ceiling", "t2i_r5_ceiling", "t2i_r1_itm", "t2i_r5_itm",
+            "i2t_r1_first", "t2i_r1_first", "t2i_r5_first", "t2i_r1_first_ceiling", "t2i_r5_first_ceiling",
+            "i2t_r1_first_itm", "t2i_r1_first_itm", "t2i_r5_first_itm", "itm_acc", "itm_auc", "vqa_acc", "bleu4",
+            "cider", "caption_precision")
 
 
 def flat_config(job: TrainJob) -> dict[str, Any]:
@@ -82,7 +84,8 @@ def build(job: TrainJob, world: dict[str, Any], tokenizer: Tokenizer) -> ALBEFPr
     return ALBEFPretraining(model, objectives, tokenizer)
 
 
-def _loader(split: Any, tokenizer: Tokenizer, job: TrainJob, shuffle: bool, sampler: Any = None) -> DataLoader:
+def _loader(split: Any, tokenizer: Tokenizer, job: TrainJob, shuffle: bool, sampler: Any = None,
+            drop_last: bool = True) -> DataLoader:
     """Batches of a split with their own generator, so a resumed run draws exactly what an uninterrupted one does."""
     seed = job.job.seed
     if isinstance(split, Split):
@@ -91,7 +94,7 @@ def _loader(split: Any, tokenizer: Tokenizer, job: TrainJob, shuffle: bool, samp
         from mmlite.data.disk import CaptionPairsDataset
         dataset = CaptionPairsDataset(split, tokenizer, seed=seed)
     sampler = sampler or EpochSampler(len(split), shuffle, seed)
-    return DataLoader(dataset, batch_size=job.job.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+    return DataLoader(dataset, batch_size=job.job.batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last,
                       generator=torch.Generator().manual_seed(seed))
 
 
@@ -110,13 +113,19 @@ def train_job(job: TrainJob, out: str | Path, device: torch.device | None = None
     main = info.rank == 0
     log = log if main else (lambda _: None)
     config = flat_config(job)
+    checkpoint = out / "checkpoint.pt"
+    state = load_checkpoint(checkpoint, config=config) if resume else None  # refused before anything is written
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(job.to_dict(), indent=2) + "\n")
     seed_everything(job.job.seed)
     start = time.perf_counter()
     if world is None:
+        if not main:
+            barrier()  # rank 0 generates and caches the world first; the others then read it
         world = world_for(job.data, job.job.data_seed)
+        if main:
+            barrier()
         tokenizer = build_tokenizer()
     if tokenizer is None:
         raise ValueError("train_job with a world of your own needs its tokenizer")
@@ -130,26 +139,28 @@ def train_job(job: TrainJob, out: str | Path, device: torch.device | None = None
     n_params = sum(p.numel() for p in task.model.parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters on {info.device}" +
         (f", {info.world_size} processes" if info.world_size > 1 else ""))
-    trained = wrap_ddp(task, info)
+    # under DDP a switched-off term leaves its head without gradients, which DDP must be told to expect
+    trained = wrap_ddp(task, info, find_unused_parameters=len(task.objectives.active()) < len(TERMS))
     loader = _loader(world["train"], tokenizer, job, shuffle=True, sampler=sampler)
     truth = task.objectives.false_negatives == "truth" and task.objectives.itm > 0
     margin = job.data.relation_margin
     batches = (add_truth(b, tokenizer, margin) if truth else b for b in cycle(loader))
-    state = None
-    checkpoint = out / "checkpoint.pt"
-    if resume:
-        state = load_checkpoint(checkpoint, config=config)
+    if len(world["train"]) // info.world_size < job.job.batch_size:
+        raise ValueError(f"{len(world['train'])} training images over {info.world_size} process(es) hold no full "
+                         f"batch of job.batch_size={job.job.batch_size}")
+    if state is not None:
         loader.sampler.load_state_dict(state["sampler"])
         log(f"resuming from {checkpoint} at step {state['step']}")
     validate = None
     if job.fit.val_every and "val" in world:
         vbatches = []
-        for b in _loader(world["val"], tokenizer, job, shuffle=False):
+        for b in _loader(world["val"], tokenizer, job, shuffle=False, drop_last=False):
             if len(vbatches) == job.job.n_val_batches:
                 break
             vbatches.append(to_device(add_truth(b, tokenizer, margin) if truth else b, info.device))
         validate = lambda m: _val_loss(m, vbatches)  # noqa: E731
-    fit_cfg = dataclasses.replace(job.fit, log_path=str(out / "log.jsonl"), progress=progress and main)
+    fit_cfg = dataclasses.replace(job.fit, log_path=str(out / "log.jsonl"), progress=progress and main,
+                                  val_every=job.fit.val_every if validate is not None else 0)
     history = fit(trained, batches, lambda m, b: m(b), fit_cfg, after_step=lambda m: m.after_step(),
                   device=info.device, checkpointing=Checkpointing(checkpoint, job.job.checkpoint_every, config,
                                                                   loader.sampler),
@@ -160,6 +171,7 @@ def train_job(job: TrainJob, out: str | Path, device: torch.device | None = None
     metrics: dict[str, Any] = {"train_seconds": train_seconds, "steps": job.fit.steps, "parameters": n_params,
                                "final_loss": history.losses[-1], "splits": {}}
     if main:
+        save_checkpoint(out / "model.pt", task.model, job.fit.steps, config)  # the weights alone, for inference
         for name in job.job.eval_splits:
             if name not in world:
                 continue
@@ -168,6 +180,11 @@ def train_job(job: TrainJob, out: str | Path, device: torch.device | None = None
                                 n_bootstrap=job.job.n_bootstrap, beam_size=job.job.beam_size, margin=margin)
             metrics["splits"][name] = ev.metrics
             log(f"evaluated {name} ({len(world[name])} images) in {time.perf_counter() - t0:.0f} s")
+        if SLICE_SPLIT in world:  # a figure a test can recompute in seconds from model.pt (see load_run)
+            ev = evaluate_albef(task.model, _head(world[SLICE_SPLIT], SLICE_IMAGES), tokenizer,
+                                k_rerank=min(job.job.k_rerank, SLICE_IMAGES), n_bootstrap=10, margin=margin)
+            metrics["slice"] = {"split": SLICE_SPLIT, "images": SLICE_IMAGES,
+                                **{k: v["value"] for k, v in ev.metrics.items()}}
         metrics["total_seconds"] = time.perf_counter() - start
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_report(out, job, metrics)
@@ -175,6 +192,32 @@ def train_job(job: TrainJob, out: str | Path, device: torch.device | None = None
     barrier()
     cleanup()
     return metrics
+
+
+SLICE_SPLIT, SLICE_IMAGES = "test", 200  # the slice whose figures metrics.json keeps for a quick re-check
+
+
+def _head(split: Any, n: int) -> Any:
+    """The first n images of a split of the shapes world, as a Split."""
+    n = min(n, len(split))
+    return Split(split.name, split.images[:n], split.objects[:n], split.captions[:n], split.questions[:n],
+                 split.negatives[:n], split.negative_sources[:n])
+
+
+def load_run(folder: str | Path, device: torch.device | str = "cpu") -> tuple[ALBEF, Tokenizer, TrainJob, dict]:
+    """A finished run's model (from model.pt, weights_only), tokenizer, job and metrics: for later chapters.
+
+    Runs on the shapes world only (a CSV run's tokenizer comes from its captions).
+    """
+    folder = Path(folder)
+    for name in ("config.json", "model.pt", "metrics.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a finished run: no {name}")
+    job = TrainJob.from_dict(json.loads((folder / "config.json").read_text()))
+    tokenizer = build_tokenizer()
+    model = ALBEF(job.model_config(len(tokenizer), len(ANSWERS)))
+    restore(load_checkpoint(folder / "model.pt", config=flat_config(job)), model, rng=False)
+    return model.to(device).eval(), tokenizer, job, json.loads((folder / "metrics.json").read_text())
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -194,6 +194,23 @@ def training_flops_rule(forward_flops: int) -> int:
     return 3 * forward_flops
 
 
+def model_flops_utilisation(flops_per_sample: float, samples_per_s: float, peak_flops_per_s: float) -> float:
+    """Model FLOP utilisation (MFU): the FLOPs per second the model's own arithmetic achieves, as a share of a peak.
+
+    flops_per_sample * samples_per_s / peak_flops_per_s, where flops_per_sample counts one training step's
+    forward + backward (e.g. measured_flops(..., backward=True).total / batch size) and the peak is a rate the
+    machine reaches, e.g. a large float32 matmul measured on it. Work the model does not need (recomputation,
+    the optimizer's element-wise update) is not in the numerator, so the result is <= 1 on an honest peak.
+    """
+    for name, value in (("flops_per_sample", flops_per_sample), ("samples_per_s", samples_per_s),
+                        ("peak_flops_per_s", peak_flops_per_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if peak_flops_per_s == 0:
+        raise ValueError("peak_flops_per_s must be > 0")
+    return flops_per_sample * samples_per_s / peak_flops_per_s
+
+
 # ----------------------------------------------------------------------------------- time and memory
 DEVICES = ("cpu", "cuda", "mps")
 

@@ -61,6 +61,9 @@ class _Units(NamedTuple):
     n: int  # number of units
     members: list[np.ndarray] | None  # example indices of each cluster; None when every example is a unit
     unit_of: np.ndarray  # (N,) the unit of each example
+    order: np.ndarray | None = None  # (N,) examples grouped by cluster: members[u] = order[starts[u]:][:sizes[u]]
+    starts: np.ndarray | None = None  # (n,) where each cluster's members begin in `order`
+    sizes: np.ndarray | None = None  # (n,) members per cluster
 
 
 def _units(clusters: object | None, n: int) -> _Units:
@@ -74,13 +77,20 @@ def _units(clusters: object | None, n: int) -> _Units:
     if len(sizes) < 2:
         raise ValueError("clusters holds a single cluster; resampling needs at least 2")
     order = np.argsort(inverse, kind="stable")  # examples grouped by cluster
-    return _Units(len(sizes), np.split(order, np.cumsum(sizes)[:-1]), inverse.ravel())
+    starts = np.cumsum(sizes) - sizes
+    return _Units(len(sizes), np.split(order, np.cumsum(sizes)[:-1]), inverse.ravel(), order, starts, sizes)
 
 
 def _draw(units: _Units, rng: np.random.Generator) -> np.ndarray:
     """Indices of one bootstrap sample: units.n units drawn with replacement, their members concatenated."""
     picked = rng.integers(0, units.n, units.n)
-    return picked if units.members is None else np.concatenate([units.members[u] for u in picked])
+    if units.members is None:
+        return picked
+    # the concatenation of units.members[u] for u in picked, without a Python loop
+    sizes = units.sizes[picked]  # (n,)
+    ends = np.cumsum(sizes)
+    within = np.arange(ends[-1]) - np.repeat(ends - sizes, sizes)  # position inside each drawn cluster
+    return units.order[np.repeat(units.starts[picked], sizes) + within]
 
 
 def _check_common(metric_fn: Callable, n: int, level: float) -> None:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from mmlite.alignment import AlignmentHead
 from mmlite.blocks import TransformerStack
 from mmlite.encoders import CNNEncoder, EncoderOutput, TransformerTextEncoder, ViTEncoder
+from mmlite.encoders.cnn import NORMS
 from mmlite.models.caption import TextDecoder
 from mmlite.objectives import LogitScale
 
@@ -52,6 +53,8 @@ class ALBEFConfig:
     dropout: float = 0.0  # dropout in every transformer block
 
     def __post_init__(self) -> None:
+        if self.cnn_norm not in NORMS:
+            raise ValueError(f"cnn_norm must be one of {NORMS}, got {self.cnn_norm!r}")
         if self.image_encoder not in IMAGE_ENCODERS:
             raise ValueError(f"image_encoder must be one of {IMAGE_ENCODERS}, got {self.image_encoder!r}")
         for f in dataclasses.fields(self):
