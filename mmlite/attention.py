@@ -116,8 +116,9 @@ def scaled_dot_product_attention(
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * scale  # (..., Tq, Tk)
     if allowed is not None:
-        # most negative finite value, not -inf: a fully masked row stays finite (uniform) before being zeroed
-        scores = scores.masked_fill(~allowed, torch.finfo(compute).min)
+        # most negative finite value, not -inf: a fully masked row stays finite (uniform) before being zeroed;
+        # of the scores' own dtype, which autocast makes bfloat16 / float16 even though the inputs were promoted
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1)  # (..., Tq, Tk)
     if row_ok is not None:
         weights = weights.masked_fill(~row_ok, 0.0)

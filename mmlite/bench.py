@@ -18,8 +18,9 @@ Its "training" section (training_benchmark) measures, in the same run:
   - model FLOP utilisation (MFU): the FLOPs of one training step counted by torch.utils.flop_counter.FlopCounterMode
     (mmlite.metrics.efficiency.measured_flops over forward + backward of the task on one batch: the matmuls,
     convolutions and attention kernels it really runs), per sample, times samples/s, over the float32 matmul
-    rate; goal >= 50 % for the small preset, and a torch.profiler summary of one step (top ops, the share of the
-    step outside matmuls and convolutions) says what limits it;
+    rate (the faster of a measurement before and one after the training steps: a shared machine's neighbours
+    slow one or the other); goal >= 50 % for the small preset, and a torch.profiler summary of one step (top
+    ops, the share of the step outside matmuls and convolutions) says what limits it;
   - bf16 autocast: where the bf16 matmul runs > 1.2x the float32 one, the tiny preset trained under
     autocast_for("bf16") against fp32, steps taking turns; elsewhere the ratio and a note that CPU bf16 autocast
     is not a speed-up on this machine.

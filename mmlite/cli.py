@@ -44,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
 
-    p = sub.add_parser("bench", help="time the from-scratch components against PyTorch's own")
-    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default: cpu)")
-    p.add_argument("--out", default="runs/bench.json", help="where to write the figures (JSON)")
+    p = sub.add_parser("bench", help="time the components against PyTorch's own, and the presets' training (MFU)")
+    from mmlite.bench import add_arguments as bench_arguments
+
+    bench_arguments(p)
 
     p = sub.add_parser("sweep", help="train the chapters' matching recipe over variants and seeds, store the results")
     p.add_argument("--out", default="data/sweeps/matching.json", help="JSON file to write (default: %(default)s)")

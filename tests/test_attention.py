@@ -305,3 +305,18 @@ def test_set_attention_impl_switches_every_module():
     model = torch.nn.Sequential(MultiHeadAttention(8, 2), CoAttention(8, 2))
     assert set_attention_impl(model, "fused") == 3
     assert all(m.impl == "fused" for m in model.modules() if isinstance(m, MultiHeadAttention))
+
+
+def test_masked_scratch_attention_runs_under_cpu_bf16_autocast():
+    """Under autocast the scores come out in bfloat16: the mask fill value must fit that dtype (it once overflowed)."""
+    from mmlite.attention import MultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 2)
+    x = torch.randn(3, 5, 16)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False], [True] + [False] * 4])
+    expected = attn(x, mask=mask, causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attn(x, mask=mask, causal=True)
+    assert got.dtype == torch.bfloat16 and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.float(), expected, atol=0.05, rtol=0.05)  # bf16 keeps ~3 significant digits
