@@ -22,13 +22,7 @@ F32 = dict(atol=1e-5, rtol=1e-5)
 BOS, EOS, PAD = 1, 2, 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: a second thread only adds contention on a busy machine. Restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _decoder(vocab=7, d_context=None, max_len=12, dropout=0.0, seed=0, dtype=torch.float64):

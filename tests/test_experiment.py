@@ -56,13 +56,7 @@ def _world_cache(data_root, monkeypatch):
     monkeypatch.setenv("MMLITE_DATA", str(data_root))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared two-core machine a tiny model trains faster that way."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
