@@ -121,7 +121,7 @@ def _small() -> TrainJob:
         data=DataConfig(n_train=20_000, n_val=1000, n_test=1000, n_comp=1000),
         model=ModelSettings(d_model=96, d_embed=96, cnn_width=32, n_heads=4, text_depth=2, fusion_depth=2,
                             decoder_depth=2),
-        fit=FitConfig(steps=4000, lr=1.5e-3, warmup=200, weight_decay=0.05),
+        fit=FitConfig(steps=3000, lr=1.5e-3, warmup=150, weight_decay=0.05),
         job=JobSettings(batch_size=96, checkpoint_every=500),
     )
 
@@ -139,7 +139,7 @@ def _base() -> TrainJob:
 PRESETS: dict[str, Any] = {"tiny": _tiny, "small": _small, "base": _base}
 PRESET_NOTES = {
     "tiny": "CPU, about 6 minutes on 2 cores: 4,000 training images, a 64-wide model, 600 steps of 64",
-    "small": "CPU, about 30 minutes on 2 cores: 20,000 training images, a 96-wide model, 4,000 steps of 96",
+    "small": "CPU, about 30 minutes on 2 cores: 20,000 training images, a 96-wide model, 3,000 steps of 96",
     "base": "one GPU: 64x64 images, 200,000 training images, a ViT and 384-wide transformers (~30M parameters), bf16",
 }
 

@@ -25,7 +25,7 @@ from mmlite.data import ANSWERS, DataConfig, EpochSampler, ShapesDataset, Split,
 from mmlite.data.cache import cache_root, read_world, save_world
 from mmlite.data.splits import generate
 from mmlite.evaluate.albef import evaluate_albef
-from mmlite.experiment.config import TrainJob
+from mmlite.experiment.config import TrainJob, resolve
 from mmlite.models.albef import ALBEF
 from mmlite.tasks.albef import TERMS, ALBEFPretraining, add_truth
 from mmlite.text import Tokenizer
@@ -195,6 +195,9 @@ def train_job(job: TrainJob, out: str | Path, device: torch.device | None = None
 
 
 SLICE_SPLIT, SLICE_IMAGES = "test", 200  # the slice whose figures metrics.json keeps for a quick re-check
+# the small preset's run shipped with the book (model.pt, config.json, metrics.json, log.jsonl, report.md)
+SHIPPED_SMALL = Path(__file__).resolve().parents[2] / "data" / "models" / "small"
+SHIP_COMMAND = "python -m mmlite train --preset small --out data/models/small --ship"
 
 
 def _head(split: Any, n: int) -> Any:
@@ -218,6 +221,17 @@ def load_run(folder: str | Path, device: torch.device | str = "cpu") -> tuple[AL
     model = ALBEF(job.model_config(len(tokenizer), len(ANSWERS)))
     restore(load_checkpoint(folder / "model.pt", config=flat_config(job)), model, rng=False)
     return model.to(device).eval(), tokenizer, job, json.loads((folder / "metrics.json").read_text())
+
+
+def shipped_small(device: torch.device | str = "cpu", log: Callable[[str], None] = print
+                  ) -> tuple[ALBEF, Tokenizer, TrainJob, dict]:
+    """load_run of the shipped small run; when it is missing, it is trained first (about 30 minutes on 2 cores)."""
+    if not (SHIPPED_SMALL / "model.pt").is_file():
+        log(f"no shipped model in {SHIPPED_SMALL}: training it now, about 30 minutes on 2 cores ({SHIP_COMMAND})")
+        train_job(resolve("small"), SHIPPED_SMALL, torch.device(device), progress=False, log=log)
+        (SHIPPED_SMALL / "checkpoint.pt").unlink(missing_ok=True)
+    log(f"the shipped small model, data/models/small, made by: {SHIP_COMMAND}")
+    return load_run(SHIPPED_SMALL, device)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
