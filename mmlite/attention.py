@@ -155,6 +155,24 @@ def _expand_mask(mask: Tensor | None, name: str, b: int, h: int, tq: int, tk: in
                      f"got shape {tuple(mask.shape)}")
 
 
+def _bidirectional_pairs(group: Tensor, b: int, tq: int, tk: int) -> Tensor:
+    """(B, 1, Tq, Tk) bool: True where query i and key j are both new tokens marked in `group` (B, Tq).
+
+    The new tokens are the last Tq of the Tk keys (a cached call's keys start with the T_past cached ones, which
+    are never in the group), so the pairs fill the bottom-right (Tq, Tq) block.
+    """
+    check_tensor("bidirectional", group)
+    if group.dtype != torch.bool:
+        raise TypeError(f"bidirectional must be a bool tensor (True = in the bidirectional group), got dtype "
+                        f"{group.dtype}")
+    if tuple(group.shape) != (b, tq):
+        raise ValueError(f"bidirectional shape {tuple(group.shape)} does not match the new tokens (B, Tq) = {(b, tq)}")
+    pairs = group[:, :, None] & group[:, None, :]  # (B, Tq, Tq)
+    if tk > tq:
+        pairs = torch.cat([pairs.new_zeros(b, tq, tk - tq), pairs], dim=2)  # (B, Tq, Tk)
+    return pairs[:, None]  # (B, 1, Tq, Tk)
+
+
 def _check_reorder_index(index: object, batch: int | None) -> Tensor:
     """Raise unless `index` is a 1-D long tensor of rows in [0, batch) (batch None: not yet known); returns it."""
     check_tensor("index", index)
@@ -292,7 +310,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
                 context_mask: Tensor | None = None, causal: bool = False,
-                need_weights: bool = False, cache: AttentionCache | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                need_weights: bool = False, cache: AttentionCache | None = None,
+                bidirectional: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from x (B, Tq, d_model) to itself, or to `context` (B, Tk, d_context) when given.
 
         `mask` (self-attention) / `context_mask` (cross-attention): key mask (B, Tk), or (B, Tq, Tk), or
@@ -305,6 +324,12 @@ class MultiHeadAttention(nn.Module):
         position T_past + i attend to keys 0..T_past + i. Cross-attention: the context is projected at the first
         call and those keys/values are reused afterwards (a later call must pass a context of the same batch size
         and length, whose own values are then not read); causal cross-attention has no cached form.
+
+        `bidirectional` (B, Tq) bool, causal self-attention only: the tokens of x marked True attend to each other
+        in both directions (e.g. a block of image tokens, PaliGemma's prefix attention), every other pair stays
+        causal, and `mask` still applies to the keys. With a cache the group lies among the new tokens: the
+        cached tokens never see it (their keys and values are already computed), so a group must be fed in one
+        call. None (the default) is plain causal attention.
         """
         check_features("x", x, self.d_model, "d_model")
         if context is None:
@@ -319,14 +344,22 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"context batch size is {context.shape[0]} but x batch size is {x.shape[0]}")
             source, key_mask, mask_name = context, context_mask, "context_mask"
         b, tq, tk = x.shape[0], x.shape[1], source.shape[1]
+        if bidirectional is not None and (context is not None or not causal):
+            raise ValueError("bidirectional marks exceptions to causal self-attention: it needs causal=True and "
+                             "no context")
         if cache is not None:
-            k, v, attn_mask = self._cached_keys_values(x, context, key_mask, mask_name, causal, cache)
+            k, v, attn_mask = self._cached_keys_values(x, context, key_mask, mask_name, causal, cache, bidirectional)
             causal = False  # folded into attn_mask, aligned to the absolute positions
         else:
             # broadcastable to (B, heads, Tq, Tk)
             attn_mask = _expand_mask(key_mask, mask_name, b, self.n_heads, tq, tk)
             k = self._split(self.k_proj(source))  # (B, heads, Tk, head_dim)
             v = self._split(self.v_proj(source))  # (B, heads, Tk, head_dim)
+            if bidirectional is not None:
+                pattern = _bidirectional_pairs(bidirectional, b, tq, tk) | torch.ones(
+                    tq, tk, dtype=torch.bool, device=x.device).tril()  # (B, 1, Tq, Tk): causal or both in the group
+                attn_mask = pattern if attn_mask is None else attn_mask & pattern
+                causal = False  # folded into attn_mask
 
         q = self._split(self.q_proj(x))  # (B, heads, Tq, head_dim)
         impl = "scratch" if need_weights else self.impl
@@ -337,7 +370,8 @@ class MultiHeadAttention(nn.Module):
         return (out, weights) if need_weights else out
 
     def _cached_keys_values(self, x: Tensor, context: Tensor | None, key_mask: Tensor | None, mask_name: str,
-                            causal: bool, cache: AttentionCache) -> tuple[Tensor, Tensor, Tensor | None]:
+                            causal: bool, cache: AttentionCache, bidirectional: Tensor | None = None
+                            ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Keys, values (B, heads, Tk, head_dim) and mask (broadcastable to (B, heads, Tq, Tk)) of a cached call."""
         if not isinstance(cache, AttentionCache):
             raise TypeError(f"cache must be an AttentionCache, got {type(cache).__name__}")
@@ -361,6 +395,8 @@ class MultiHeadAttention(nn.Module):
             if causal:
                 # new query i sits at absolute position T_past + i: it sees keys 0..T_past + i (bottom-right aligned)
                 tri = torch.ones(tq, tk, dtype=torch.bool, device=x.device).tril(diagonal=tk - tq)  # (Tq, Tk)
+                if bidirectional is not None:  # new tokens of the group also see the group's later tokens
+                    tri = tri | _bidirectional_pairs(bidirectional, b, tq, tk)  # (B, 1, Tq, Tk)
                 attn_mask = tri if attn_mask is None else attn_mask & tri
         else:
             if causal:

@@ -108,14 +108,16 @@ class EncoderBlock(nn.Module):
         self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False,
-                cache: LayerCache | None = None) -> Tensor:
+                cache: LayerCache | None = None, bidirectional: Tensor | None = None) -> Tensor:
         """x (B, T, d_model), mask (B, T) key mask (or (B, T, T)), True = real token -> (B, T, d_model).
 
         With a cache (causal only, updated in place) x is the new tokens and mask covers (B, T_past + T).
+        bidirectional (B, T) bool (causal only): tokens marked True attend to each other in both directions.
         """
         check_features("x", x, self.d_model, "d_model", owner="block")
         attn_cache = _self_attention_cache(cache, causal)
-        x = x + self.drop1(self.attn(self.norm1(x), mask=mask, causal=causal, cache=attn_cache))
+        x = x + self.drop1(self.attn(self.norm1(x), mask=mask, causal=causal, cache=attn_cache,
+                                     bidirectional=bidirectional))
         return x + self.drop2(self.ff(self.norm2(x)))
 
     def copy_from_torch(self, layer: nn.TransformerEncoderLayer) -> "EncoderBlock":
@@ -148,19 +150,22 @@ class DecoderBlock(nn.Module):
         self.drop3 = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None,
-                context_mask: Tensor | None = None, causal: bool = True, cache: LayerCache | None = None) -> Tensor:
+                context_mask: Tensor | None = None, causal: bool = True, cache: LayerCache | None = None,
+                bidirectional: Tensor | None = None) -> Tensor:
         """x (B, T, d_model) attends to itself (causally by default) and to context (B, Tc, d_context) -> (B, T, d_model).
 
         mask (B, T) and context_mask (B, Tc) are key masks, True = real token. causal=False gives the fusion
         encoder's block (ALBEF's): bidirectional self-attention, then cross-attention to the image. With a cache
         (causal only, updated in place) x is the new tokens, mask covers (B, T_past + T), and the context's
-        keys/values are projected at the first call and reused.
+        keys/values are projected at the first call and reused. bidirectional (B, T) bool (causal only): tokens
+        marked True attend to each other in both directions in the self-attention.
         """
         check_features("x", x, self.d_model, "d_model", owner="block")
         check_features("context", context, self.d_context, "d_context", owner="block")
         self_cache = _self_attention_cache(cache, causal)
         cross_cache = None if cache is None else cache.cross_attn
-        x = x + self.drop1(self.self_attn(self.norm1(x), mask=mask, causal=causal, cache=self_cache))
+        x = x + self.drop1(self.self_attn(self.norm1(x), mask=mask, causal=causal, cache=self_cache,
+                                          bidirectional=bidirectional))
         x = x + self.drop2(self.cross_attn(self.norm2(x), context=context, context_mask=context_mask,
                                            cache=cross_cache))
         return x + self.drop3(self.ff(self.norm3(x)))
@@ -211,12 +216,20 @@ class TransformerStack(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+                context_mask: Tensor | None = None, cache: KVCache | None = None,
+                bidirectional: Tensor | None = None) -> Tensor:
         """x (B, T, d_model), mask (B, T) True = real token; context (B, Tc, d_context) iff built with d_context.
 
         With a cache (from new_cache(); causal stacks only; updated in place) x is the T new tokens, which
         follow the len(cache) tokens already processed, and mask, when given, covers (B, len(cache) + T).
+
+        bidirectional (B, T) bool, causal stacks only: the tokens of x marked True attend to each other in both
+        directions, all other pairs stay causal (prefix attention over a block of image tokens, PaliGemma-style).
+        With a cache the whole group must be among the new tokens of one call; the cached tokens never see it.
         """
+        if bidirectional is not None and not self.causal:
+            raise ValueError("bidirectional marks exceptions to causal attention, but this stack is not causal "
+                             "(every token already sees every other)")
         if (context is None) != (self.d_context is None):
             raise ValueError("this stack was built without d_context, so it takes no context" if context is not None
                              else f"this stack was built with d_context={self.d_context}: pass context (B, Tc, "
@@ -232,9 +245,10 @@ class TransformerStack(nn.Module):
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
             if context is None:
-                x = block(x, mask=mask, causal=self.causal, cache=layer_cache)
+                x = block(x, mask=mask, causal=self.causal, cache=layer_cache, bidirectional=bidirectional)
             else:
-                x = block(x, context, mask=mask, context_mask=context_mask, causal=self.causal, cache=layer_cache)
+                x = block(x, context, mask=mask, context_mask=context_mask, causal=self.causal, cache=layer_cache,
+                          bidirectional=bidirectional)
         return self.norm(x)
 
     def new_cache(self) -> KVCache:

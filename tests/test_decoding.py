@@ -11,7 +11,7 @@ import torch
 from mmlite.attention import AttentionCache, KVCache, MultiHeadAttention
 from mmlite.blocks import TransformerStack
 from mmlite.models.caption import TextDecoder
-from mmlite.models.decoding import beam_search, greedy_decode
+from mmlite.models.decoding import beam_search, greedy_decode, sample_decode, sampling_distribution
 
 # float64 tolerance: the cached and the full computation do the same multiply-adds, only batched differently
 # (a (T_new, T_past + T_new) score block instead of (T, T)), so they differ by a few ulps of O(1) values,
@@ -489,3 +489,158 @@ def test_decoding_argument_errors():
     with pytest.raises(ValueError, match="d_context=12"):
         beam_search(dec, BOS, EOS, 4, batch_size=2)  # the caption decoder needs its image tokens
     assert not dec.training  # an error inside leaves the mode as it was
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_a_prompt_continues_where_decoding_left_off():
+    dec = _decoder(d_context=12)
+    ctx, cmask = _context()
+    never = 99  # an end token the decoder cannot produce: every row runs to max_len
+    full = greedy_decode(dec, BOS, never, 8, context=ctx, context_mask=cmask)  # (3, 8)
+    prompt = torch.cat([torch.full((3, 1), BOS), full[:, :3]], dim=1)  # [BOS] and the first 3 tokens
+    kw = dict(context=ctx, context_mask=cmask, prompt=prompt)
+    for use_cache in (True, False):
+        assert torch.equal(greedy_decode(dec, None, never, 5, use_cache=use_cache, **kw), full[:, 3:])
+        ids, _ = beam_search(dec, None, never, 5, beam_size=1, length_penalty=0.0, use_cache=use_cache, **kw)
+        assert torch.equal(ids, full[:, 3:])
+
+
+def test_left_padded_prompts_cached_equal_recomputed():
+    dec = _decoder(d_context=12)
+    ctx, cmask = _context()
+    prompt = _ids(3, 4, 7, seed=8)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[0, :2], mask[2, :1] = False, False  # left padding
+    kw = dict(context=ctx, context_mask=cmask, prompt=prompt, prompt_mask=mask)
+    assert torch.equal(greedy_decode(dec, None, EOS, 6, **kw), greedy_decode(dec, None, EOS, 6, use_cache=False, **kw))
+    a, sa = beam_search(dec, None, EOS, 6, beam_size=2, **kw)
+    b, sb = beam_search(dec, None, EOS, 6, beam_size=2, use_cache=False, **kw)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(sa, sb, **F64)
+    # the mask reaches the decoder: the first token is the argmax of the masked logits, which differ from the
+    # unmasked ones in the padded rows
+    logits = dec(prompt, mask, context=ctx, context_mask=cmask)[:, -1]
+    assert not torch.allclose(logits[0], dec(prompt, context=ctx, context_mask=cmask)[0, -1])
+    assert torch.equal(greedy_decode(dec, None, EOS, 1, **kw)[:, 0], logits.argmax(dim=-1))
+
+
+def test_prompt_errors():
+    dec = _decoder(d_context=12, max_len=6)
+    ctx, cmask = _context(b=2)
+    prompt = _ids(2, 4, 7)
+    with pytest.raises(ValueError, match=r"a prompt of 4 tokens and max_len=4 generated tokens need 7 positions"):
+        greedy_decode(dec, None, EOS, 4, context=ctx, prompt=prompt)
+    with pytest.raises(ValueError, match="prompt_mask was given without a prompt"):
+        greedy_decode(dec, BOS, EOS, 2, context=ctx, prompt_mask=torch.ones(2, 4, dtype=torch.bool))
+    right = torch.ones(2, 4, dtype=torch.bool)
+    right[1, -1] = False
+    with pytest.raises(ValueError, match=r"left padding.*rows \[1\]"):
+        greedy_decode(dec, None, EOS, 2, context=ctx, prompt=prompt, prompt_mask=right)
+    with pytest.raises(ValueError, match="prompt holds 2 rows but context holds 3"):
+        greedy_decode(dec, None, EOS, 2, context=_context()[0], prompt=prompt)
+    with pytest.raises(TypeError, match="prompt must be a long tensor"):
+        greedy_decode(dec, None, EOS, 2, context=ctx, prompt=prompt.float())
+    with pytest.raises(TypeError, match="bos_id"):
+        greedy_decode(dec, None, EOS, 2, context=ctx)  # without a prompt decoding starts from [BOS]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sampling_distribution_by_hand():
+    p = torch.tensor([0.15, 0.5, 0.05, 0.2, 0.1], dtype=torch.float64)  # by probability: ids 1, 3, 0, 4, 2
+    logits = p.log() + 3.0  # any shift: the softmax is p again
+    # mass before each rank: 0, 0.5, 0.7, 0.85, 0.95; token k is kept iff the mass before it is < top_p
+    for top_p, kept in ((0.45, [1]), (0.6, [1, 3]), (0.75, [1, 3, 0]), (0.9, [1, 3, 0, 4]), (0.97, [1, 3, 0, 4, 2]),
+                        (1.0, [1, 3, 0, 4, 2])):
+        expected = torch.zeros(5, dtype=torch.float64)
+        expected[kept] = p[kept] / p[kept].sum()
+        torch.testing.assert_close(sampling_distribution(logits, top_p=top_p), expected, **F64)
+    torch.testing.assert_close(sampling_distribution(logits, temperature=2.0), torch.softmax(logits / 2, -1), **F64)
+    assert sampling_distribution(logits, temperature=0.0).tolist() == [0.0, 1.0, 0.0, 0.0, 0.0]
+    # the temperature comes first: at T = 2 the distribution is flatter and 0.75 of it needs four tokens
+    q = torch.softmax(logits / 2, -1)  # 0.186, 0.340, 0.107, 0.215, 0.152
+    expected = q * torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(sampling_distribution(logits, 2.0, 0.75), expected / expected.sum(), **F64)
+    # ties go to the lower id; leading dims are kept; float32 stays float32
+    tied = sampling_distribution(torch.zeros(2, 3, 3), top_p=0.5)
+    assert tied.shape == (2, 3, 3) and tied.dtype == torch.float32
+    assert tied[1, 2].tolist() == [0.5, 0.5, 0.0]
+
+
+def _flat_decoder(seed=6):
+    dec = _decoder(seed=seed)
+    with torch.no_grad():
+        dec.token_embed.weight.mul_(0.3)  # flat next-token distributions: sampling differs from greedy
+    return dec
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_sampling_draws_from_the_softmax_nucleus(top_p):
+    dec = _flat_decoder()
+    n, vocab = 20000, 7
+    first = sample_decode(dec, BOS, EOS, 1, top_p=top_p, batch_size=n, generator=torch.Generator().manual_seed(0))
+    p = torch.softmax(dec(torch.tensor([[BOS]]))[0, -1], dim=-1).detach()  # (V,) float64
+    kept, mass = [], 0.0  # the nucleus by hand: most likely first, until the mass reaches top_p
+    for w in sorted(range(vocab), key=lambda w: -float(p[w])):
+        if mass >= top_p:
+            break
+        kept.append(w)
+        mass += float(p[w])
+    q = torch.zeros(vocab, dtype=torch.float64)
+    q[kept] = p[kept] / p[kept].sum()
+    assert (top_p == 1.0) == (len(kept) == vocab)
+    freq = torch.bincount(first[:, 0], minlength=vocab).double() / n
+    # each frequency is a binomial proportion: standard error sqrt(q (1 - q) / n), at most 0.0035 here; 5 of them
+    # leave a false alarm at < 1e-6 per token, while a wrong distribution (e.g. the unrenormalised or the
+    # untruncated one, off by >= 0.03) is far outside
+    se = (q * (1 - q) / n).sqrt()
+    assert ((freq - q).abs() <= 5 * se).all(), (freq, q)
+    assert (freq[q == 0] == 0).all()  # nothing outside the nucleus is ever drawn
+
+
+def test_sampling_is_seeded_and_cached_equals_recomputed():
+    dec = _flat_decoder()
+    kw = dict(temperature=1.5, top_p=0.9, batch_size=4)
+
+    def run(seed, use_cache=True):
+        return sample_decode(dec, BOS, EOS, 8, use_cache=use_cache, generator=torch.Generator().manual_seed(seed),
+                             **kw)
+
+    first = run(0)
+    assert torch.equal(first, run(0)) and torch.equal(first, run(0, use_cache=False))
+    assert not all(torch.equal(first, run(seed)) for seed in (1, 2, 3))  # it does draw
+    for row in first.tolist():  # a row ends at its first [EOS], padding after it
+        if EOS in row:
+            assert all(w == PAD for w in row[row.index(EOS) + 1:])
+    torch.manual_seed(3)
+    a = sample_decode(dec, BOS, EOS, 8, **kw)  # the global generator
+    torch.manual_seed(3)
+    assert torch.equal(a, sample_decode(dec, BOS, EOS, 8, **kw))
+
+
+def test_sampling_without_randomness_is_greedy():
+    dec = _decoder(d_context=12)
+    ctx, cmask = _context()
+    greedy = greedy_decode(dec, BOS, EOS, 8, context=ctx, context_mask=cmask)
+    for kw in (dict(temperature=0.0), dict(top_p=1e-9), dict(temperature=1e-4)):
+        for seed in (0, 1):
+            out = sample_decode(dec, BOS, EOS, 8, context=ctx, context_mask=cmask,
+                                generator=torch.Generator().manual_seed(seed), **kw)
+            assert torch.equal(out, greedy), kw
+
+
+def test_sampling_errors():
+    dec = _decoder(max_len=6)
+    for kw, kind, match in ((dict(temperature=-1.0), ValueError, "temperature must be >= 0"),
+                            (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
+                            (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+                            (dict(top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+                            (dict(top_p="1"), TypeError, "top_p must be a float"),
+                            (dict(generator=0), TypeError, "generator must be a torch.Generator")):
+        with pytest.raises(kind, match=match):
+            sample_decode(dec, BOS, EOS, 4, batch_size=1, **kw)
+    with pytest.raises(ValueError, match="float tensor"):
+        sampling_distribution(torch.tensor([1, 2]))
