@@ -1,4 +1,4 @@
-"""Tests for mmlite.data.chat: the VLM's training conversations, stage-0 text and evaluation prompts."""
+"""Tests for mmlite.tasks.chat: the VLM's training conversations, stage-0 text and evaluation prompts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmlite.data import DataConfig, build_tokenizer, generate
-from mmlite.data.chat import (ANSWER_LEAD, CAPTION_PROMPT, RATIONALE_PREFIX, TASKS, ChatDataset, TextDataset,
+from mmlite.tasks.chat import (ANSWER_LEAD, CAPTION_PROMPT, RATIONALE_PREFIX, TASKS, ChatDataset, TextDataset,
                               chat_batch, collate_chat_items, final_answer, prompts_for, rationale_answer,
                               vlm_tokenizer)
 from mmlite.data.instruct import make_instructions
